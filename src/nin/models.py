@@ -1,0 +1,377 @@
+"""Network in Network models.
+
+Reference: Min Lin, Qiang Chen, Shuicheng Yan, "Network In Network", ICLR 2014,
+arXiv:1312.4400.
+
+A NiN is a stack of *mlpconv blocks* (one spatial convolution followed by 1x1
+convolutions, each with a ReLU: a small MLP slid over every pixel), pooling and
+dropout stages, and a global-average-pooling head in place of fully connected
+layers: the last block has one channel per class and the head averages each
+channel to one logit.
+
+Architectures are data: a spec is a tuple of stages (:class:`Block`,
+:class:`Pool`, :class:`Dropout`); :class:`NiN` builds a module from a spec,
+and each registered model is a one-line factory over a spec table.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Callable, Iterator, Literal, Mapping, Union
+
+import torch
+from torch import nn
+
+from nin.errors import NinError
+
+#: A width is a channel count, or ``CLASSES`` for "as many channels as classes".
+CLASSES = "classes"
+Width = Union[int, Literal["classes"]]
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class Block:
+    """An mlpconv block: a ``kernel`` x ``kernel`` conv to ``out``, then 1x1 convs of widths ``mlp``.
+
+    ``mlp=None`` means two 1x1 convs as wide as ``out`` (the d2l block).
+    ``relu_last=False`` leaves the block's final conv linear (no norm, no ReLU),
+    which a classifier block feeding global average pooling may want.
+    """
+
+    out: Width
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+    mlp: tuple[Width, ...] | None = None
+    relu_last: bool = True
+
+    def widths(self) -> tuple[Width, ...]:
+        """The output width of every conv in the block, spatial conv first."""
+        return (self.out, *(self.mlp if self.mlp is not None else (self.out, self.out)))
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A max- or average-pooling stage."""
+
+    kind: Literal["max", "avg"]
+    kernel: int
+    stride: int
+    padding: int = 0
+    ceil_mode: bool = False
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """A dropout stage with drop probability ``p``."""
+
+    p: float = 0.5
+
+
+Stage = Union[Block, Pool, Dropout]
+
+
+# ------------------------------------------------------------------- the builder
+
+
+def nin_block(
+    in_channels: int,
+    widths: tuple[int, ...],
+    kernel: int,
+    stride: int = 1,
+    padding: int = 0,
+    batch_norm: bool = False,
+    relu_last: bool = True,
+) -> nn.Sequential:
+    """Build one mlpconv block.
+
+    ``widths[0]`` is the spatial conv's output; each further width is a 1x1 conv.
+    With ``batch_norm`` each conv is followed by BatchNorm (and has no bias).
+    ``nin_block(1, (96, 96, 96), 11, 4)`` is the d2l block.
+    """
+    layers: list[nn.Module] = []
+    cin = in_channels
+    for i, cout in enumerate(widths):
+        last = i == len(widths) - 1
+        linear = last and not relu_last
+        k, s, p = (kernel, stride, padding) if i == 0 else (1, 1, 0)
+        norm = batch_norm and not linear
+        layers.append(nn.Conv2d(cin, cout, k, s, p, bias=not norm))
+        if norm:
+            layers.append(nn.BatchNorm2d(cout))
+        if not linear:
+            layers.append(nn.ReLU(inplace=True))
+        cin = cout
+    return nn.Sequential(*layers)
+
+
+def _resolve_widths(block: Block, num_classes: int, mlp_layers: int | None, width: float) -> tuple[int, ...]:
+    """Apply the ``mlp_layers`` and ``width`` overrides to a block's widths.
+
+    Fewer 1x1 convs keep the *last* ones (so a classifier block still ends in
+    ``num_classes``); more repeat the first 1x1 width in front. With no 1x1 conv
+    left, the spatial conv takes the block's final width.
+    """
+    ws = block.widths()
+    mlp = list(ws[1:])
+    if mlp_layers is not None:
+        if not mlp and mlp_layers > 0:
+            mlp = [ws[0]]
+        if mlp_layers <= len(mlp):
+            mlp = mlp[len(mlp) - mlp_layers :]
+        else:
+            mlp = [mlp[0]] * (mlp_layers - len(mlp)) + mlp
+    first = ws[0] if mlp else ws[-1]
+
+    def channels(w: Width) -> int:
+        if w == CLASSES:
+            return num_classes
+        return max(1, int(round(w * width)))
+
+    return tuple(channels(w) for w in (first, *mlp))
+
+
+class NiN(nn.Module):
+    """A Network-in-Network classifier built from a tuple of stages.
+
+    ``features`` holds the named stages (``block1``, ``pool1``, ``drop1``, ...);
+    its output has one channel per class: the class evidence maps. ``head`` is
+    global average pooling and a flatten.
+    """
+
+    def __init__(
+        self,
+        spec: tuple[Stage, ...],
+        num_classes: int = 10,
+        in_channels: int = 1,
+        input_size: tuple[int, int] = (224, 224),
+        mlp_layers: int | None = None,
+        width: float = 1.0,
+        batch_norm: bool = False,
+        dropout: float | None = None,
+    ) -> None:
+        super().__init__()
+        _check_overrides(num_classes, in_channels, mlp_layers, width, dropout)
+        stages: OrderedDict[str, nn.Module] = OrderedDict()
+        counts = {"block": 0, "pool": 0, "drop": 0}
+        cin = in_channels
+        for stage in spec:
+            if isinstance(stage, Block):
+                widths = _resolve_widths(stage, num_classes, mlp_layers, width)
+                module: nn.Module = nin_block(
+                    cin, widths, stage.kernel, stage.stride, stage.padding, batch_norm, stage.relu_last
+                )
+                cin, kind = widths[-1], "block"
+            elif isinstance(stage, Pool):
+                cls = nn.MaxPool2d if stage.kind == "max" else nn.AvgPool2d
+                module, kind = cls(stage.kernel, stage.stride, stage.padding, ceil_mode=stage.ceil_mode), "pool"
+            else:
+                module, kind = nn.Dropout(stage.p if dropout is None else dropout), "drop"
+            counts[kind] += 1
+            stages[f"{kind}{counts[kind]}"] = module
+        if cin != num_classes:
+            raise ValueError(f"the last block has {cin} channels, expected one per class ({num_classes})")
+        self.features = nn.Sequential(stages)
+        self.head = nn.Sequential(OrderedDict(gap=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten()))
+        self.num_classes = num_classes
+        self.input_size = (in_channels, *input_size)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)  # (N, C, H, W) -> (N, classes, h, w): one evidence map per class
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)  # (N, classes, h, w) -> (N, classes): the mean of each map
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)  # (N, classes, h, w)
+        return self.forward_head(x)  # (N, classes) logits
+
+    def named_stages(self) -> Iterator[tuple[str, nn.Module]]:
+        """Every stage in order, the head's ``gap`` and ``flatten`` included."""
+        yield from self.features.named_children()
+        yield from self.head.named_children()
+
+
+def _check_overrides(num_classes, in_channels, mlp_layers, width, dropout) -> None:
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise NinError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise NinError(f"in_channels must be a positive integer, got {in_channels!r}")
+    if mlp_layers is not None and (not isinstance(mlp_layers, int) or not 0 <= mlp_layers <= 3):
+        raise NinError(f"mlp_layers must be 0, 1, 2 or 3, got {mlp_layers!r}")
+    if not isinstance(width, (int, float)) or not math.isfinite(width) or width <= 0:
+        raise NinError(f"width must be a positive number, got {width!r}")
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        raise NinError(f"dropout must be in [0, 1), got {dropout!r}")
+
+
+# ------------------------------------------------------------------------ weights
+
+
+def init_weights(model: nn.Module, scheme: Literal["xavier", "kaiming", "default"]) -> nn.Module:
+    """Re-initialize every conv and linear layer of ``model`` in place and return it.
+
+    ``xavier`` is d2l's: Xavier-uniform weights, PyTorch's default biases.
+    ``kaiming`` is He-normal for ReLU (fan-out) with zero biases. ``default``
+    keeps PyTorch's initialization. BatchNorm is reset to identity. Nothing
+    else in this package ever re-initializes a model.
+    """
+    if scheme not in ("xavier", "kaiming", "default"):
+        raise NinError(f"unknown init scheme {scheme!r}; choose xavier, kaiming or default")
+    if scheme == "default":
+        return model
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if scheme == "xavier":
+                nn.init.xavier_uniform_(m.weight)
+            else:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None and scheme == "kaiming":
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model
+
+
+# ----------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model: its factory, default input (C, H, W) and a one-line description."""
+
+    name: str
+    factory: Callable[..., nn.Module]
+    input_size: tuple[int, int, int]
+    description: str
+
+
+class Registry:
+    """Name -> :class:`ModelEntry`. Registering a name twice raises."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, ModelEntry] = {}
+
+    def register(self, input_size: tuple[int, int, int], description: str):
+        def deco(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+            name = factory.__name__
+            if name in self._entries:
+                raise ValueError(f"model {name!r} is already registered")
+            self._entries[name] = ModelEntry(name, factory, input_size, description)
+            return factory
+
+        return deco
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def get(self, name: str) -> ModelEntry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            near = difflib.get_close_matches(name, self._entries, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise NinError(f"unknown model {name!r}{hint} (available: {', '.join(self.names())})") from None
+
+
+MODELS = Registry()
+register_model = MODELS.register
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted."""
+    return MODELS.names()
+
+
+def model_entry(name: str) -> ModelEntry:
+    """The registry entry of ``name``; an unknown name raises :class:`NinError`."""
+    return MODELS.get(name)
+
+
+#: The overrides every registered model accepts.
+OVERRIDES = ("num_classes", "in_channels", "mlp_layers", "width", "batch_norm", "dropout")
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """Build a registered model, e.g. ``create_model("nin_d2l", mlp_layers=1)``.
+
+    Accepted overrides: ``num_classes``, ``in_channels``, ``mlp_layers`` (0-3 1x1
+    convs per block), ``width`` (channel multiplier), ``batch_norm``, ``dropout``.
+    """
+    entry = model_entry(name)
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise NinError(f"unknown model option(s) {', '.join(unknown)}; accepted: {', '.join(OVERRIDES)}")
+    return entry.factory(**overrides)
+
+
+def _build(spec: tuple[Stage, ...], input_size: tuple[int, int, int], batch_norm: bool = False, **kw) -> NiN:
+    kw.setdefault("in_channels", input_size[0])
+    return NiN(spec, input_size=input_size[1:], batch_norm=batch_norm, **kw)
+
+
+# ---------------------------------------------------------------- the spec table
+
+#: d2l's NiN for Fashion-MNIST resized to 224x224 (an AlexNet-shaped NiN).
+NIN_D2L: tuple[Stage, ...] = (
+    Block(96, 11, stride=4),
+    Pool("max", 3, 2),
+    Block(256, 5, padding=2),
+    Pool("max", 3, 2),
+    Block(384, 3, padding=1),
+    Pool("max", 3, 2),
+    Dropout(0.5),
+    Block(CLASSES, 3, padding=1),
+)
+
+#: The authors' CIFAR-10 network (Caffe's pooling rounds up: 32 -> 16 -> 8).
+NIN_CIFAR10: tuple[Stage, ...] = (
+    Block(192, 5, padding=2, mlp=(160, 96)),
+    Pool("max", 3, 2, ceil_mode=True),
+    Dropout(0.5),
+    Block(192, 5, padding=2, mlp=(192, 192)),
+    Pool("max", 3, 2, ceil_mode=True),
+    Dropout(0.5),
+    Block(192, 3, padding=1, mlp=(192, CLASSES)),
+)
+
+#: Our NiN for 28x28 images at native resolution, built to train fast on a CPU:
+#: three mlpconv blocks at 28, 14 and 7 pixels, BatchNorm, a linear classifier conv.
+NIN28: tuple[Stage, ...] = (
+    Block(32, 3, padding=1, mlp=(32,)),
+    Pool("max", 3, 2, padding=1),
+    Block(64, 3, padding=1, mlp=(64, 64)),
+    Pool("max", 3, 2, padding=1),
+    Block(128, 3, padding=1, mlp=(128, CLASSES), relu_last=False),
+)
+
+SPECS: Mapping[str, tuple[Stage, ...]] = MappingProxyType(
+    {"nin_d2l": NIN_D2L, "nin_cifar10": NIN_CIFAR10, "nin28": NIN28}
+)
+
+
+@register_model((1, 224, 224), "d2l's NiN for Fashion-MNIST at 224x224: 96/256/384/10 channels, 1,992,166 parameters")
+def nin_d2l(**kw) -> NiN:
+    return _build(NIN_D2L, (1, 224, 224), **kw)
+
+
+@register_model((3, 32, 32), "the paper's CIFAR-10 NiN: 192-160-96 / 192-192-192 / 192-192-10, 966,986 parameters")
+def nin_cifar10(**kw) -> NiN:
+    return _build(NIN_CIFAR10, (3, 32, 32), **kw)
+
+
+@register_model((1, 28, 28), "NiN for 28x28 at native resolution with BatchNorm, fast on a CPU (the default)")
+def nin28(**kw) -> NiN:
+    return _build(NIN28, (1, 28, 28), **{"batch_norm": True, **kw})
+
+
+DEFAULT_MODEL = "nin28"
+
