@@ -1,0 +1,354 @@
+"""A small, model-agnostic trainer for image classifiers.
+
+The :class:`Trainer` runs SGD over a :class:`~nin.loader.DeviceLoader`, evaluates
+once per epoch and returns the per-epoch metrics. It knows nothing about NiN:
+logging, progress bars, figures and checkpoints are :class:`Callback` objects.
+Its whole state (weights aside) is :meth:`Trainer.state_dict`: epoch, position in
+the epoch, optimizer buffers, RNG states and history, so a resumed run continues
+exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nin.errors import NinError
+from nin.loader import DeviceLoader
+
+
+@dataclass
+class TrainConfig:
+    """Optimization settings. Defaults are the fast CPU recipe for ``nin28``."""
+
+    epochs: int = 4
+    batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: Literal["constant", "cosine", "onecycle"] = "onecycle"
+    warmup: float = 0.2  # fraction of all steps spent warming up (cosine, onecycle)
+    label_smoothing: float = 0.1
+    amp: Literal["none", "bf16"] = "none"
+    channels_last: bool = True
+    compile: bool = False
+    max_steps: int | None = None  # stop early (smoke runs); the schedule still spans all epochs
+    eval_batch_size: int = 1000
+    check_every: int = 1  # steps between finiteness checks of the loss (each one syncs a GPU)
+
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise NinError(msg)
+
+        if self.epochs < 1:
+            bad(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            bad(f"batch sizes must be at least 1, got {self.batch_size} and {self.eval_batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            bad(f"learning rate must be a positive number, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            bad(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.nesterov and self.momentum == 0:
+            bad("nesterov needs a non-zero momentum")
+        if self.weight_decay < 0:
+            bad(f"weight decay must be >= 0, got {self.weight_decay}")
+        if self.schedule not in ("constant", "cosine", "onecycle"):
+            bad(f"unknown schedule {self.schedule!r}; choose constant, cosine or onecycle")
+        if not 0 <= self.warmup < 1:
+            bad(f"warmup must be a fraction in [0, 1), got {self.warmup}")
+        if not 0 <= self.label_smoothing < 1:
+            bad(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.amp not in ("none", "bf16"):
+            bad(f"unknown amp mode {self.amp!r}; choose none or bf16")
+        if self.max_steps is not None and self.max_steps < 1:
+            bad(f"max steps must be at least 1, got {self.max_steps}")
+
+
+def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate at ``step`` (0-based) of ``total_steps``.
+
+    constant: ``lr``. cosine: linear warm-up, then half a cosine down to 0.
+    onecycle: linear warm-up from ``lr/10``, then linear decay to 0.
+    """
+    if cfg.schedule == "constant":
+        return cfg.lr
+    warm = int(cfg.warmup * total_steps)
+    if step < warm:
+        start = cfg.lr / 10 if cfg.schedule == "onecycle" else 0.0
+        return start + (cfg.lr - start) * (step + 1) / warm
+    frac = (step - warm) / max(1, total_steps - warm)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
+    return cfg.lr * (1 - frac)
+
+
+class Diverged(NinError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, step: int, epoch: int, loss: float, note: str = "") -> None:
+        self.step, self.epoch, self.loss = step, epoch, loss
+        super().__init__(f"training diverged: loss is {loss} at step {step} (epoch {epoch + 1}){note}")
+
+
+class Callback:
+    """Hooks the trainer calls. Override what you need."""
+
+    def on_fit_start(self, trainer: Trainer) -> None: ...
+
+    def on_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None: ...
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+
+    def on_fit_end(self, trainer: Trainer) -> None: ...
+
+
+@dataclass
+class _EpochTally:
+    """Running sums of the epoch in progress, kept on the device (no host syncs)."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    seen: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Position:
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches done in the current epoch
+    step: int = 0  # optimizer steps done in all
+    tally: dict[str, float] = field(default_factory=lambda: {"loss_sum": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0})
+
+
+class Trainer:
+    """Train ``model`` on ``train_loader``; evaluate on ``test_loader`` after each epoch."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        train_loader: DeviceLoader,
+        test_loader: DeviceLoader | None = None,
+        callbacks: Iterable[Callback] = (),
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.model = model
+        self.train_loader, self.test_loader = train_loader, test_loader
+        self.callbacks = list(callbacks)
+        self.device = train_loader.device
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.step_model = torch.compile(model) if config.compile else model
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        decay, no_decay = [], []
+        for p in model.parameters():
+            (decay if p.dim() > 1 else no_decay).append(p)  # no weight decay on biases and norms
+        self.optimizer = torch.optim.SGD(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+        )
+        self.pos = _Position()
+        self.history: list[dict[str, float]] = []
+        self.start_time = time.perf_counter()
+
+    # ----------------------------------------------------------------- state
+    @property
+    def epoch(self) -> int:
+        return self.pos.epoch
+
+    @property
+    def step(self) -> int:
+        return self.pos.step
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.epochs * len(self.train_loader)
+
+    def autocast(self):
+        if self.config.amp == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the weights needed to continue exactly: optimizer, position, RNG, history."""
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "position": asdict(self.pos),
+            "rng": rng,
+            "history": self.history,
+            "config": asdict(self.config),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.pos = _Position(**state["position"])
+        self.history = list(state["history"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> list[dict[str, float]]:
+        """Train until ``config.epochs`` (or ``max_steps``); return the per-epoch metrics."""
+        cfg = self.config
+        self.start_time = time.perf_counter() - sum(h["epoch_time"] for h in self.history)
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        while self.pos.epoch < cfg.epochs and not self._out_of_steps():
+            finished = self._train_epoch()
+            if not finished:
+                break
+            metrics = self._end_epoch()
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, metrics)
+        for cb in self.callbacks:
+            cb.on_fit_end(self)
+        return self.history
+
+    def _out_of_steps(self) -> bool:
+        return self.config.max_steps is not None and self.pos.step >= self.config.max_steps
+
+    def _train_epoch(self) -> bool:
+        """Run the rest of the current epoch; False if stopped early by ``max_steps``."""
+        cfg, pos, model = self.config, self.pos, self.step_model
+        loader = self.train_loader
+        loader.set_epoch(pos.epoch)
+        self.model.train()
+        t = pos.tally
+        tally = _EpochTally(
+            torch.tensor(float(t["loss_sum"]), device=self.device),
+            torch.tensor(float(t["correct"]), device=self.device),
+            int(t["seen"]),
+            float(t["seconds"]),
+        )
+        losses = torch.zeros(len(loader), device=self.device)
+        checked = pos.batch
+        t0 = time.perf_counter()
+        total = self.total_steps
+        for x, y in loader.iterate(start=pos.batch):
+            lr = lr_at(cfg, pos.step, total)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            with self.autocast():
+                out = model(x)
+                loss = self.criterion(out, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss = loss.detach()
+            losses[pos.batch] = loss
+            tally.loss_sum += loss * len(y)
+            tally.correct += (out.argmax(1) == y).sum()
+            tally.seen += len(y)
+            pos.batch += 1
+            pos.step += 1
+            if pos.batch - checked >= cfg.check_every:
+                self._check_finite(losses, checked, pos.batch)
+                checked = pos.batch
+            for cb in self.callbacks:
+                cb.on_step_end(self, loss)
+            if self._out_of_steps() and pos.batch < len(loader):
+                break
+        self._check_finite(losses, checked, pos.batch)
+        tally.seconds += time.perf_counter() - t0
+        pos.tally = {
+            "loss_sum": float(tally.loss_sum),
+            "correct": float(tally.correct),
+            "seen": tally.seen,
+            "seconds": tally.seconds,
+        }
+        return pos.batch >= len(loader)
+
+    def _check_finite(self, losses: torch.Tensor, start: int, end: int) -> None:
+        window = losses[start:end]
+        if window.numel() and not bool(torch.isfinite(window).all()):
+            first = start + int((~torch.isfinite(window)).nonzero()[0])
+            step = self.pos.step - (self.pos.batch - first)
+            raise Diverged(step + 1, self.pos.epoch, float(losses[first]))
+
+    def _end_epoch(self) -> dict[str, float]:
+        pos, t = self.pos, self.pos.tally
+        loss_sum, correct, seen = _all_reduce([t["loss_sum"], t["correct"], t["seen"]], self.device)
+        metrics = {
+            "epoch": pos.epoch + 1,
+            "step": pos.step,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "examples_per_sec": seen / max(t["seconds"], 1e-9),
+            "epoch_time": t["seconds"],
+        }
+        if self.test_loader is not None:
+            ev = evaluate(self.step_model, self.test_loader, self.criterion, self.autocast)
+            metrics |= {"test_loss": ev["loss"], "test_acc": ev["acc"]}
+        metrics["wall_time"] = time.perf_counter() - self.start_time
+        self.history.append(metrics)
+        self.pos = _Position(epoch=pos.epoch + 1, batch=0, step=pos.step)
+        return metrics
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    """Sum ``values`` over all processes of a distributed run (identity otherwise)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: DeviceLoader,
+    criterion: nn.Module | None = None,
+    autocast=nullcontext,
+) -> dict[str, float]:
+    """Mean loss and accuracy of ``model`` over ``loader`` (eval mode, no autograd)."""
+    criterion = criterion or nn.CrossEntropyLoss()
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=loader.device)
+    correct = torch.zeros((), dtype=torch.int64, device=loader.device)
+    n = 0
+    for x, y in loader:
+        with autocast():
+            out = model(x)
+        loss_sum += criterion(out.float(), y).double() * len(y)
+        correct += (out.argmax(1) == y).sum()
+        n += len(y)
+    model.train(was_training)
+    loss, right, n = _all_reduce([float(loss_sum), float(correct), n], loader.device)
+    return {"loss": loss / max(n, 1), "acc": right / max(n, 1), "n": n}
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, loader: DeviceLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted classes and true labels of every example in ``loader``, in order."""
+    was_training = model.training
+    model.eval()
+    preds, labels = [], []
+    for x, y in loader:
+        preds.append(model(x).argmax(1))
+        labels.append(y)
+    model.train(was_training)
+    return torch.cat(preds).cpu(), torch.cat(labels).cpu()
+
+
+def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``m[i, j]``: examples of true class ``i`` predicted as ``j``."""
+    idx = labels.long() * num_classes + preds.long()
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)

@@ -1,0 +1,210 @@
+"""The trainer: schedules, config validation, learning, divergence, callbacks and exact resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import synthetic_images
+from nin import checkpoint as ckpt
+from nin.callbacks import Checkpointer
+from nin.errors import NinError
+from nin.loader import Augment, DeviceLoader
+from nin.models import create_model
+from nin.train import Callback, Diverged, Trainer, TrainConfig, confusion_matrix, evaluate, lr_at
+
+
+def loaders(n=512, classes=4, size=12, channels=1, batch=32, augment=Augment()):
+    x, y = synthetic_images(n, classes, size, channels)
+    xt, yt = synthetic_images(128, classes, size, channels, seed=1)
+    train = DeviceLoader(x, y, batch, shuffle=True, seed=0, augment=augment, mean=(0.2,), std=(0.3,))
+    test = DeviceLoader(xt, yt, 64, mean=(0.2,), std=(0.3,))
+    return train, test
+
+
+def small_model(classes=4):
+    torch.manual_seed(0)
+    return create_model("nin28", num_classes=classes, width=0.25)
+
+
+FAST = dict(epochs=3, batch_size=32, lr=0.05, label_smoothing=0.0, channels_last=False)
+
+
+# ------------------------------------------------------------------ schedules
+
+
+def test_constant_schedule_is_constant():
+    cfg = TrainConfig(lr=0.3, schedule="constant")
+    assert {lr_at(cfg, s, 100) for s in range(100)} == {0.3}
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_warmup_then_decay_to_zero(schedule):
+    cfg = TrainConfig(lr=0.2, schedule=schedule, warmup=0.25)
+    lrs = [lr_at(cfg, s, 100) for s in range(100)]
+    peak = lrs.index(max(lrs))
+    assert peak == 24 and math.isclose(lrs[peak], 0.2)
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1 : peak + 1]))  # rises
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))  # falls
+    assert lrs[-1] < 0.01 and lrs[0] < 0.05
+
+
+def test_onecycle_starts_at_a_tenth():
+    cfg = TrainConfig(lr=1.0, schedule="onecycle", warmup=0.5)
+    assert lr_at(cfg, 0, 1000) == pytest.approx(0.1 + 0.9 / 500)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("epochs", 0), ("batch_size", 0), ("lr", -1.0), ("lr", float("nan")), ("momentum", 1.0),
+     ("weight_decay", -1e-4), ("schedule", "step"), ("warmup", 1.0), ("label_smoothing", 1.0),
+     ("amp", "fp8"), ("max_steps", 0)],
+)
+def test_bad_config_values_are_user_errors(field, value):
+    cfg = TrainConfig(**{field: value})
+    with pytest.raises(NinError):
+        cfg.validate()
+
+
+def test_nesterov_needs_momentum():
+    with pytest.raises(NinError, match="nesterov"):
+        TrainConfig(momentum=0.0, nesterov=True).validate()
+
+
+# ------------------------------------------------------------------- training
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.events = []
+
+    def on_fit_start(self, trainer):
+        self.events.append("start")
+
+    def on_step_end(self, trainer, loss):
+        self.events.append("step")
+
+    def on_epoch_end(self, trainer, metrics):
+        self.events.append(("epoch", metrics["epoch"]))
+
+    def on_fit_end(self, trainer):
+        self.events.append("end")
+
+
+def test_trainer_learns_and_reports_every_metric():
+    train, test = loaders()
+    rec = Recorder()
+    trainer = Trainer(small_model(), TrainConfig(**FAST), train, test, [rec])
+    history = trainer.fit()
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "examples_per_sec", "epoch_time",
+                "wall_time", "lr", "step"):
+        assert all(math.isfinite(h[key]) for h in history), key
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["test_acc"] > 0.9
+    assert history[-1]["step"] == 3 * len(train)
+    steps = rec.events.count("step")
+    assert rec.events[0] == "start" and rec.events[-1] == "end" and steps == 3 * len(train)
+    assert [e for e in rec.events if isinstance(e, tuple)] == [("epoch", 1), ("epoch", 2), ("epoch", 3)]
+
+
+def test_trainer_does_not_reinitialize_the_model():
+    train, test = loaders()
+    model = small_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    Trainer(model, TrainConfig(**FAST), train, test)  # constructing must not touch the weights
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_evaluate_matches_a_manual_count():
+    train, test = loaders()
+    model = small_model()
+    Trainer(model, TrainConfig(**{**FAST, "epochs": 1}), train, test).fit()
+    ev = evaluate(model, test)
+    model.eval()
+    with torch.no_grad():
+        right = sum(int((model(x).argmax(1) == y).sum()) for x, y in test)
+    assert ev["n"] == 128 and ev["acc"] == right / 128
+
+
+def test_confusion_matrix_counts():
+    preds = torch.tensor([0, 1, 1, 2, 2, 2])
+    labels = torch.tensor([0, 1, 2, 2, 2, 0])
+    m = confusion_matrix(preds, labels, 3)
+    assert m.tolist() == [[1, 0, 1], [0, 1, 0], [0, 1, 2]]
+
+
+class NaNAt(nn.Module):
+    """Wrap a model and make its output NaN on the ``at``-th call (1-based)."""
+
+    def __init__(self, model, at):
+        super().__init__()
+        self.model, self.at, self.calls = model, at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.model(x)
+        return out * float("nan") if self.calls == self.at else out
+
+
+def test_non_finite_loss_stops_and_names_the_step():
+    train, test = loaders()
+    trainer = Trainer(NaNAt(small_model(), at=11), TrainConfig(**FAST), train, test)
+    with pytest.raises(Diverged, match="at step 11 ") as exc:
+        trainer.fit()
+    assert exc.value.step == 11 and exc.value.epoch == 0  # 16 batches per epoch: step 11 is in epoch 1
+
+
+def test_non_finite_loss_is_found_when_checked_rarely():
+    train, test = loaders()
+    cfg = TrainConfig(**FAST, check_every=5)
+    with pytest.raises(Diverged, match="at step 3 "):
+        Trainer(NaNAt(small_model(), at=3), cfg, train, test).fit()
+
+
+def test_max_steps_stops_inside_an_epoch():
+    train, test = loaders()
+    trainer = Trainer(small_model(), TrainConfig(**FAST, max_steps=5), train, test)
+    assert trainer.fit() == []
+    assert trainer.step == 5 and trainer.pos.batch == 5 and trainer.epoch == 0
+
+
+# ------------------------------------------------------------------ exact resume
+
+
+def dropout_model():
+    torch.manual_seed(0)  # nin_cifar10 has dropout stages: resume must restore the RNG too
+    return create_model("nin_cifar10", num_classes=4, width=0.1, in_channels=1)
+
+
+@pytest.mark.parametrize("stop_at", [16, 21])  # at an epoch boundary, and inside an epoch
+def test_resume_is_exact(tmp_path, stop_at):
+    aug = Augment(crop_padding=2, flip=True)
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05, channels_last=False)
+
+    train, test = loaders(size=16, augment=aug)
+    full = dropout_model()
+    Trainer(full, cfg, train, test).fit()
+
+    run = tmp_path / "run"
+    train, test = loaders(size=16, augment=aug)
+    first = dropout_model()
+    cut = TrainConfig(**{**cfg.__dict__, "max_steps": stop_at})
+    saver = Checkpointer(run, {"model": {"name": "nin_cifar10"}})
+    Trainer(first, cut, train, test, [saver]).fit()
+    assert saver.last_path is not None and saver.last_path.name == f"step-{stop_at:07d}"
+
+    torch.manual_seed(1234)  # whatever the RNG is now, resume restores it
+    train, test = loaders(size=16, augment=aug)
+    resumed = dropout_model()
+    ckpt.load_weights(saver.last_path, resumed)
+    trainer = Trainer(resumed, cfg, train, test)
+    trainer.load_state_dict(ckpt.load_state(saver.last_path))
+    history = trainer.fit()
+
+    assert [h["epoch"] for h in history] == [1, 2]
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
