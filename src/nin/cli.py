@@ -1,0 +1,323 @@
+"""The ``nin`` command: models, shapes, train, evaluate.
+
+User errors (bad flags, missing or corrupt files) print one line,
+``nin: error: ...``, and exit with status 2; nothing prints a traceback for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from nin.errors import NinError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other user error."""
+
+    def error(self, message: str):  # argparse API
+        sub = self.prog.split()[1:]
+        raise NinError(f"{sub[0]}: {message}" if sub else message)
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
+    return v
+
+
+def _float(s: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+
+
+def parse_input_size(s: str) -> tuple[int, int, int]:
+    """``"1x224x224"`` -> (1, 224, 224); ``"32x32"`` keeps the model's channel count (0 here)."""
+    parts = s.lower().split("x")
+    try:
+        dims = [int(p) for p in parts]
+    except ValueError:
+        dims = []
+    if len(dims) not in (2, 3) or any(d < 1 for d in dims):
+        raise NinError(f"--input must look like CxHxW or HxW with positive sizes, got {s!r}")
+    return (0, *dims) if len(dims) == 2 else tuple(dims)  # type: ignore[return-value]
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model options")
+    g.add_argument("--num-classes", type=_positive_int, help="output classes")
+    g.add_argument("--in-channels", type=_positive_int, help="input channels")
+    g.add_argument("--mlp-layers", type=int, choices=range(4), metavar="{0,1,2,3}",
+                   help="1x1 convs per block (the seed's ablation; 2 is NiN's)")
+    g.add_argument("--width", type=_float, help="channel width multiplier")
+    g.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, help="BatchNorm after each conv")
+    g.add_argument("--dropout", type=_float, help="drop probability of every dropout stage")
+
+
+def _model_options(args: argparse.Namespace) -> dict:
+    keys = ("num_classes", "in_channels", "mlp_layers", "width", "batch_norm", "dropout")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="nin", description="Network-in-Network image classifiers.")
+    parser.add_argument("--version", action="version", version=f"nin {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("models", help="list the registered models")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("shapes", help="print each stage's output shape and parameter count")
+    p.add_argument("model")
+    p.add_argument("--input", type=parse_input_size, help="input size CxHxW (default: the model's)")
+    _add_model_options(p)
+
+    p = sub.add_parser("train", help="train a model (default: nin28 on Fashion-MNIST)")
+    p.add_argument("--preset", help="recipe to start from: default (nin28, fast) or d2l (the seed's recipe)")
+    p.add_argument("--model", help="registered model name (see `nin models`)")
+    _add_model_options(p)
+    p.add_argument("--init", choices=("xavier", "kaiming", "default"), help="weight initialization")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="fashion-mnist or mnist")
+    g.add_argument("--data-dir", help="directory holding the data files (also NIN_DATA_DIR)")
+    g.add_argument("--no-download", dest="download", action="store_false", default=None,
+                   help="never download; fail if the files are not found")
+    g.add_argument("--subset", type=_positive_int, help="train on a seeded random subset of N images")
+    g.add_argument("--test-subset", type=_positive_int, help="evaluate on a seeded random subset of N images")
+    g.add_argument("--resize", type=_positive_int, help="input resolution (default: the model's)")
+    g.add_argument("--crop-padding", type=_nonneg_int, help="random translation of up to N pixels")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips")
+    g.add_argument("--normalize", action=argparse.BooleanOptionalAction, help="normalize by training mean/std")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=_positive_int)
+    g.add_argument("--batch-size", type=_positive_int)
+    g.add_argument("--lr", type=_float, help="peak learning rate")
+    g.add_argument("--momentum", type=_float)
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
+    g.add_argument("--weight-decay", type=_float)
+    g.add_argument("--schedule", choices=("constant", "cosine", "onecycle"))
+    g.add_argument("--warmup", type=_float, help="fraction of steps spent warming up")
+    g.add_argument("--label-smoothing", type=_float)
+    g.add_argument("--max-steps", type=_positive_int, help="stop after N optimizer steps (smoke runs)")
+    g = p.add_argument_group("speed")
+    g.add_argument("--amp", choices=("none", "bf16"), help="bf16 autocast (fast on GPUs and bf16-capable CPUs)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction)
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    g.add_argument("--eval-batch-size", type=_positive_int)
+    g.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--out", help="run directory (default runs/MODEL-DATE); must not exist yet")
+    g.add_argument("--resume", metavar="RUN_OR_CHECKPOINT", help="continue a run from its latest checkpoint")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+
+    p = sub.add_parser("evaluate", help="test accuracy, per-class accuracy and a confusion matrix")
+    p.add_argument("checkpoint", help="checkpoint directory or run directory (its latest checkpoint)")
+    p.add_argument("--data-dir", help="directory holding the data files")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=_positive_int, default=1000)
+    p.add_argument("--out", help="where to write confusion.png and evaluation.json (default: the checkpoint's directory)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nin")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# ------------------------------------------------------------------- commands
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from nin.models import DEFAULT_MODEL, create_model, list_models, model_entry
+
+    rows = []
+    for name in list_models():
+        e = model_entry(name)
+        params = sum(p.numel() for p in create_model(name).parameters())
+        rows.append({"name": name, "input": "x".join(map(str, e.input_size)), "params": params,
+                     "default": name == DEFAULT_MODEL, "description": e.description})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'model':<14}{'input':<12}{'params':>12}  description")
+    for r in rows:
+        mark = " (default)" if r["default"] else ""
+        print(f"{r['name']:<14}{r['input']:<12}{r['params']:>12,}  {r['description']}{mark}")
+    return 0
+
+
+def cmd_shapes(args: argparse.Namespace) -> int:
+    import torch
+
+    from nin.models import create_model
+
+    model = create_model(args.model, **_model_options(args))
+    c, h, w = model.input_size
+    if args.input:
+        ic, h, w = args.input
+        c = ic or c
+        if c != model.input_size[0]:
+            raise NinError(f"{args.model} takes {model.input_size[0]} input channel(s), not {c} "
+                           f"(use --in-channels {c} to change the model)")
+    x = torch.rand(1, c, h, w)
+    model.eval()
+    rows = []
+    with torch.no_grad():
+        for name, stage in model.named_stages():
+            try:
+                x = stage(x)
+            except RuntimeError as e:
+                raise NinError(f"input {c}x{h}x{w} is too small for {args.model}: stage {name} failed "
+                               f"({str(e).splitlines()[0]})") from None
+            n = sum(p.numel() for p in stage.parameters())
+            rows.append((name, type(stage).__name__, "x".join(map(str, x.shape[1:])), n))
+    print(f"{args.model}: input {c}x{h}x{w}")
+    print(f"{'stage':<9}{'layer':<19}{'output shape':<16}{'params':>11}")
+    for name, layer, shape, n in rows:
+        print(f"{name:<9}{layer:<19}{shape:<16}{n:>11,}")
+    print(f"{'total':<44}{sum(r[3] for r in rows):>11,}")
+    return 0
+
+
+_TRAIN_FIELDS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup",
+                 "label_smoothing", "max_steps", "amp", "channels_last", "compile", "eval_batch_size")
+_DATA_FIELDS = ("dataset", "data_dir", "download", "subset", "test_subset", "resize", "crop_padding", "flip",
+                "normalize")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from nin.run import preset, summary_line, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = preset(args.preset or "default")
+    given = {k for k, v in vars(args).items() if v is not None and v is not False}
+    if args.resume:
+        allowed = {"resume", "epochs", "max_steps", "device", "quiet", "threads", "command"}
+        extra = sorted(given - allowed)
+        if extra:
+            raise NinError(f"--resume continues a run with its saved settings; drop --{extra[0].replace('_', '-')} "
+                           f"(only --epochs, --max-steps and --device may change)")
+    if args.model:
+        if args.model != cfg.model.name:
+            cfg.model.options = {}
+        cfg.model.name = args.model
+    cfg.model.options.update(_model_options(args))
+    if args.init:
+        cfg.model.init = args.init
+    for f in _DATA_FIELDS:
+        if getattr(args, f) is not None:
+            setattr(cfg.data, f, getattr(args, f))
+    for f in _TRAIN_FIELDS:
+        if getattr(args, f) is not None:
+            setattr(cfg.train, f, getattr(args, f))
+    if args.seed is not None:
+        cfg.seed = args.seed
+    if args.device:
+        cfg.device = args.device
+
+    result = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    if not result.history:
+        print(f"stopped before the end of the first epoch; checkpoint: {result.checkpoint}")
+        return 0
+    print(summary_line(result.history, result.trainer.device))
+    print(f"run directory: {result.run_dir}  (checkpoint: {result.checkpoint})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from nin import checkpoint as ckpt
+    from nin.data import load_split
+    from nin.loader import DeviceLoader
+    from nin.models import create_model
+    from nin.plots import plot_confusion
+    from nin.run import resolve_device
+    from nin.train import confusion_matrix, predict
+
+    path = ckpt.resolve(args.checkpoint)
+    meta = ckpt.read_meta(path)
+    try:
+        m, d = meta["model"], meta["data"]
+        name, options = m["name"], dict(m.get("options", {}))
+        dataset, size, mean, std, classes = d["dataset"], d["size"], d["mean"], d["std"], d["classes"]
+    except (KeyError, TypeError) as e:
+        raise ckpt.CheckpointError(f"{path / 'meta.json'}: missing field {e}") from None
+    device = resolve_device(args.device)
+    model = create_model(name, **options)
+    ckpt.load_weights(path, model)
+    model.to(device)
+    images, labels = load_split(dataset, "test", args.data_dir)
+    loader = DeviceLoader(images.to(device), labels.to(device), args.batch_size, size=tuple(size),
+                          mean=tuple(mean), std=tuple(std))
+    preds, truth = predict(model, loader)
+    k = len(classes)
+    cm = confusion_matrix(preds, truth, k)
+    per_class = (cm.diag().double() / cm.sum(1).clamp(min=1)).tolist()
+    acc = float(cm.diag().sum()) / max(int(cm.sum()), 1)
+    out = Path(args.out) if args.out else path
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_confusion(cm, classes, out / "confusion.png", title=f"{name}: test acc {acc:.4f}")
+    result = {"checkpoint": str(path), "model": name, "dataset": dataset, "examples": int(cm.sum()),
+              "test_acc": acc, "per_class_acc": dict(zip(classes, per_class)), "confusion": cm.tolist(),
+              "confusion_png": str(png)}
+    tmp = out / ".evaluation.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out / "evaluation.json")
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"{name} on {dataset} test ({int(cm.sum()):,} images): accuracy {acc:.4f}")
+    for c, a in zip(classes, per_class):
+        print(f"  {c:<14}{a:.4f}")
+    print(f"confusion matrix: {png}")
+    return 0
+
+
+COMMANDS = {"models": cmd_models, "shapes": cmd_shapes, "train": cmd_train, "evaluate": cmd_evaluate}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except NinError as e:
+        print(f"nin: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("nin: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

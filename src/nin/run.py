@@ -1,0 +1,286 @@
+"""A training run: its configuration, presets, and the wiring from config to trainer.
+
+:class:`RunConfig` is everything that defines a run. :func:`build` turns it into
+a model and two device-resident loaders; :func:`train` adds a run directory
+(``config.json``, metrics, curves, checkpoints) and runs the trainer.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nin import checkpoint as ckpt
+from nin.callbacks import Checkpointer, CurvePlotter, MetricsWriter, ProgressBar
+from nin.data import DATASETS, class_names, load_split
+from nin.errors import NinError
+from nin.loader import Augment, DeviceLoader, channel_stats
+from nin.models import DEFAULT_MODEL, create_model, init_weights
+from nin.train import Callback, Diverged, Trainer, TrainConfig
+
+
+@dataclass
+class ModelConfig:
+    name: str = DEFAULT_MODEL
+    options: dict[str, Any] = field(default_factory=dict)  # create_model overrides
+    init: str = "kaiming"  # applied once, when the model is first built
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    download: bool = True
+    subset: int | None = None  # train on a seeded random subset of this many images
+    test_subset: int | None = None
+    resize: int | None = None  # None: the model's own input size
+    normalize: bool = True  # by the training set's mean and std; False: 0-1 scale only
+    crop_padding: int = 2
+    flip: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    device: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        return _from_dict(cls, d)
+
+
+def _from_dict(cls, d: dict[str, Any]):
+    if not isinstance(d, dict):
+        raise NinError(f"expected a mapping for {cls.__name__}, got {type(d).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise NinError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    kw = {}
+    for name, value in d.items():
+        default = getattr(cls(), name)
+        kw[name] = _from_dict(type(default), value) if is_dataclass(default) else value
+    return cls(**kw)
+
+
+#: Named recipes. ``default`` is the fast 28x28 CPU recipe; ``d2l`` is the seed's, exactly.
+PRESETS: dict[str, RunConfig] = {
+    "default": RunConfig(),
+    "d2l": RunConfig(
+        model=ModelConfig("nin_d2l", init="xavier"),
+        data=DataConfig(resize=224, normalize=False, crop_padding=0, flip=False),
+        train=TrainConfig(
+            epochs=10, batch_size=128, lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0,
+            schedule="constant", warmup=0.0, label_smoothing=0.0, eval_batch_size=256,
+        ),
+    ),
+}
+
+
+def preset(name: str) -> RunConfig:
+    """A fresh copy of a named preset."""
+    if name not in PRESETS:
+        raise NinError(f"unknown preset {name!r} (available: {', '.join(PRESETS)})")
+    return copy.deepcopy(PRESETS[name])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise NinError(f"device {name!r} requested but CUDA is not available (torch {torch.__version__})")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise NinError(f"unknown device {name!r}; use auto, cpu or cuda") from None
+
+
+@dataclass
+class Built:
+    """What :func:`build` returns."""
+
+    model: nn.Module
+    train_loader: DeviceLoader
+    test_loader: DeviceLoader
+    meta: dict[str, Any]  # what a checkpoint needs to rebuild the model and its input pipeline
+
+
+def _subset(images, labels, n: int | None, seed: int, what: str):
+    if n is None:
+        return images, labels
+    if not 0 < n <= len(images):
+        raise NinError(f"{what} must be between 1 and {len(images)}, got {n}")
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    return images[idx], labels[idx]
+
+
+def build(cfg: RunConfig, *, init: bool = True) -> Built:
+    """Model and loaders for ``cfg``. ``init=False`` skips weight init (the weights come from a checkpoint)."""
+    cfg.train.validate()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model.name, **cfg.model.options)
+    if init:
+        init_weights(model, cfg.model.init)
+    model.to(device)
+
+    d = cfg.data
+    if d.dataset not in DATASETS:
+        raise NinError(f"unknown dataset {d.dataset!r} (available: {', '.join(DATASETS)})")
+    x_train, y_train = load_split(d.dataset, "train", d.data_dir, d.download)
+    x_test, y_test = load_split(d.dataset, "test", d.data_dir, d.download)
+    x_train, y_train = _subset(x_train, y_train, d.subset, cfg.seed, "--subset")
+    x_test, y_test = _subset(x_test, y_test, d.test_subset, cfg.seed + 1, "--test-subset")
+
+    c, h, w = model.input_size
+    if x_train.shape[1] != c:
+        raise NinError(f"{cfg.model.name} expects {c}-channel input; {d.dataset} has {x_train.shape[1]} channel(s)")
+    if d.resize is not None and d.resize < 1:
+        raise NinError(f"--resize must be a positive size, got {d.resize}")
+    size = (d.resize, d.resize) if d.resize else (h, w)
+    mean, std = channel_stats(x_train) if d.normalize else ((0.0,), (1.0,))
+    common = dict(size=size, mean=mean, std=std, channels_last=cfg.train.channels_last)
+    train_loader = DeviceLoader(
+        x_train.to(device), y_train.to(device), cfg.train.batch_size, shuffle=True, seed=cfg.seed,
+        augment=Augment(d.crop_padding, d.flip), **common,
+    )
+    test_loader = DeviceLoader(x_test.to(device), y_test.to(device), cfg.train.eval_batch_size, **common)
+    meta = {
+        "model": {"name": cfg.model.name, "options": cfg.model.options},
+        "data": {"dataset": d.dataset, "size": list(size), "mean": list(mean), "std": list(std),
+                 "classes": list(class_names(d.dataset))},
+        "config": cfg.to_dict(),
+    }
+    return Built(model, train_loader, test_loader, meta)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.model.name}-{stamp}"
+
+
+def prepare_run_dir(out: Path) -> Path:
+    """Create a new run directory; an existing non-empty one is never reused or overwritten."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise NinError(f"{out}: already exists; pass --resume {out} to continue it, or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise NinError(f"{out}: cannot write the run directory ({e.strerror or e})") from None
+    return out
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    file = run_dir / "config.json"
+    try:
+        doc = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise NinError(f"{run_dir}: not a run directory (no config.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NinError(f"{file}: not valid JSON ({e})") from None
+    return RunConfig.from_dict(doc.get("config", {}))
+
+
+@dataclass
+class Result:
+    history: list[dict[str, float]]
+    run_dir: Path
+    checkpoint: Path | None
+    trainer: Trainer
+
+
+def train(
+    cfg: RunConfig,
+    out: str | os.PathLike | None = None,
+    *,
+    resume: str | os.PathLike | None = None,
+    callbacks: list[Callback] | None = None,
+    progress: bool = True,
+) -> Result:
+    """Train a run from ``cfg`` into a new run directory, or continue one with ``resume``.
+
+    ``resume`` is a run directory (its latest checkpoint) or a checkpoint directory;
+    the run continues in its own run directory with the saved configuration,
+    except for ``cfg.train.epochs`` and ``cfg.train.max_steps``, which may be changed.
+    """
+    if resume is not None:
+        ck = ckpt.resolve(resume)
+        run_dir = ck.parent.parent
+        saved = load_run_config(run_dir)
+        saved.train.epochs, saved.train.max_steps = cfg.train.epochs, cfg.train.max_steps
+        saved.device = cfg.device
+        cfg = saved
+        built = build(cfg, init=False)
+        meta = ckpt.read_meta(ck)
+        if meta.get("model", {}).get("name") != cfg.model.name:
+            raise ckpt.CheckpointError(f"{ck}: holds a {meta.get('model', {}).get('name')!r} model, "
+                                       f"the run is {cfg.model.name!r}")
+        ckpt.load_weights(ck, built.model)
+        state = ckpt.load_state(ck, meta)
+    else:
+        run_dir = prepare_run_dir(Path(out) if out is not None else default_run_dir(cfg))
+        built = build(cfg)
+        state = None
+
+    device = built.train_loader.device
+    doc = {"config": cfg.to_dict(), "env": environment(device)}
+    tmp = run_dir / ".config.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, run_dir / "config.json")
+
+    checkpointer = Checkpointer(run_dir, built.meta)
+    cbs: list[Callback] = [ProgressBar(print_epochs=progress)] if progress else []
+    cbs += [MetricsWriter(run_dir), CurvePlotter(run_dir, title=cfg.model.name), checkpointer, *(callbacks or [])]
+    trainer = Trainer(built.model, cfg.train, built.train_loader, built.test_loader, cbs)
+    if state is not None:
+        trainer.load_state_dict(state)
+    try:
+        history = trainer.fit()
+    except Diverged as e:
+        where = f"; last good checkpoint: {checkpointer.last_path}" if checkpointer.last_path else "; no checkpoint was saved yet"
+        raise Diverged(e.step, e.epoch, e.loss, note=where) from None
+    return Result(history, run_dir, checkpointer.last_path, trainer)
+
+
+def summary_line(history: list[dict[str, float]], device: torch.device) -> str:
+    """The seed's closing lines: last epoch's loss and accuracies, and examples/sec over all epochs."""
+    last = history[-1]
+    seconds = sum(h["epoch_time"] for h in history)
+    examples = sum(h["examples_per_sec"] * h["epoch_time"] for h in history)
+    test = f", test acc {last['test_acc']:.3f}" if "test_acc" in last else ""
+    return (f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}{test}\n"
+            f"{examples / max(seconds, 1e-9):.1f} examples/sec on {device}")

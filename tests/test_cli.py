@@ -1,0 +1,210 @@
+"""The `nin` command: output, smoke runs on real data, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nin.cli import main
+from nin.run import preset
+
+SEED_TABLE = [
+    ("block1", "Sequential", "96x54x54"), ("pool1", "MaxPool2d", "96x26x26"),
+    ("block2", "Sequential", "256x26x26"), ("pool2", "MaxPool2d", "256x12x12"),
+    ("block3", "Sequential", "384x12x12"), ("pool3", "MaxPool2d", "384x5x5"),
+    ("drop1", "Dropout", "384x5x5"), ("block4", "Sequential", "10x5x5"),
+    ("gap", "AdaptiveAvgPool2d", "10x1x1"), ("flatten", "Flatten", "10"),
+]
+SMOKE = ["--subset", "512", "--test-subset", "500", "--epochs", "1", "--batch-size", "64", "--quiet"]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nin: error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+# ---------------------------------------------------------------------- inspect
+
+
+def test_models_lists_the_registry(capsys):
+    code, out, _ = run(capsys, "models", "--json")
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert code == 0
+    assert rows["nin_d2l"]["params"] == 1_992_166 and rows["nin_d2l"]["input"] == "1x224x224"
+    assert rows["nin_cifar10"]["params"] == 966_986
+    assert rows["nin28"]["default"] is True
+
+
+def test_shapes_matches_the_seed_table(capsys):
+    code, out, _ = run(capsys, "shapes", "nin_d2l")
+    assert code == 0
+    rows = [line.split() for line in out.splitlines()[2:-1]]
+    assert [(r[0], r[1], r[2]) for r in rows] == SEED_TABLE
+    assert out.splitlines()[-1].split() == ["total", "1,992,166"]
+
+
+def test_shapes_takes_an_input_size_and_model_options(capsys):
+    code, out, _ = run(capsys, "shapes", "nin_d2l", "--input", "3x96x96", "--in-channels", "3", "--mlp-layers", "1")
+    assert code == 0 and "input 3x96x96" in out
+    assert out.splitlines()[2].split()[2] == "96x22x22"
+
+
+@pytest.mark.parametrize(
+    "argv,needles",
+    [
+        (["shapes", "nin_d2"], ["unknown model 'nin_d2'", "nin_d2l"]),
+        (["shapes", "nin_d2l", "--input", "1x224"], []),
+        (["shapes", "nin_d2l", "--input", "axbxc"], ["--input"]),
+        (["shapes", "nin_d2l", "--input", "1x20x20"], ["too small"]),
+        (["shapes", "nin28", "--input", "3x28x28"], ["--in-channels 3"]),
+        (["shapes", "nin28", "--mlp-layers", "5"], ["--mlp-layers"]),
+        (["shapes", "nin28", "--width", "-1"], ["width"]),
+        (["train", "--lr", "abc"], ["--lr", "abc"]),
+        (["train", "--epochs", "0"], ["--epochs"]),
+        (["train", "--schedule", "step"], ["--schedule"]),
+        (["train", "--preset", "fast"], ["unknown preset 'fast'"]),
+        (["train", "--model", "resnet50"], ["unknown model 'resnet50'"]),
+        (["train", "--momentum", "1.5"], ["momentum"]),
+        (["train", "--dataset", "imagenet"], ["unknown dataset"]),
+        (["train", "--device", "tpu"], ["device"]),
+        (["evaluate", "/no/such/run"], ["/no/such/run", "no such file"]),
+        (["frobnicate"], ["invalid choice"]),
+        ([], ["required"]),
+    ],
+)
+def test_bad_input_is_one_clear_line(capsys, tmp_path, argv, needles):
+    code, _, err = run(capsys, *[a.replace("TMP", str(tmp_path)) for a in argv])
+    assert_one_line_error(code, err, *needles)
+
+
+def test_missing_data_offline_says_how_to_get_it(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("NIN_DATA_DIR", raising=False)
+    code, _, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(tmp_path / "empty"), "--no-download",
+                       "--out", str(tmp_path / "run"))
+    assert_one_line_error(code, err, "--data-dir", "http")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu_is_a_user_error(capsys, tmp_path):
+    code, _, err = run(capsys, "train", "--device", "cuda", "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "CUDA is not available")
+
+
+def test_errors_from_a_subprocess_have_no_traceback():
+    p = subprocess.run([sys.executable, "-m", "nin", "train", "--batch-size", "-3"], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.strip().splitlines() == ["nin: error: train: argument --batch-size: expected a positive integer, got '-3'"]
+
+
+def test_module_entry_point_prints_shapes():
+    p = subprocess.run([sys.executable, "-m", "nin", "shapes", "nin_d2l"], capture_output=True, text=True)
+    assert p.returncode == 0 and "10x1x1" in p.stdout
+
+
+# ------------------------------------------------------------ runs on real data
+
+
+def test_d2l_preset_is_the_seed_recipe():
+    cfg = preset("d2l")
+    assert cfg.model.name == "nin_d2l" and cfg.model.init == "xavier" and cfg.model.options == {}
+    assert cfg.data.resize == 224 and not cfg.data.normalize and cfg.data.crop_padding == 0 and not cfg.data.flip
+    t = cfg.train
+    assert (t.lr, t.batch_size, t.epochs, t.momentum, t.weight_decay, t.schedule, t.label_smoothing) == (
+        0.1, 128, 10, 0.0, 0.0, "constant", 0.0)
+    assert not t.nesterov and t.amp == "none"
+
+
+def test_d2l_preset_runs_and_prints_the_seed_summary(capsys, tmp_path, fashion_mnist):
+    code, out, err = run(capsys, "train", "--preset", "d2l", "--subset", "128", "--test-subset", "64",
+                         "--batch-size", "64", "--epochs", "1", "--out", str(tmp_path / "d2l"), "--quiet")
+    assert code == 0, err
+    lines = out.splitlines()
+    loss_line = next(line for line in lines if line.startswith("loss "))
+    assert loss_line.count(",") == 2 and "train acc" in loss_line and "test acc" in loss_line
+    speed = lines[lines.index(loss_line) + 1]
+    assert speed.endswith("examples/sec on cpu") and float(speed.split()[0]) > 0
+    config = json.loads((tmp_path / "d2l" / "config.json").read_text())["config"]
+    assert config["model"]["name"] == "nin_d2l" and config["data"]["resize"] == 224
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, fashion_mnist):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", *SMOKE, "--out", str(out)]) == 0
+    return out
+
+
+def test_train_writes_metrics_curves_config_and_a_checkpoint(smoke_run):
+    rows = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["epoch"] == 1 and 0 <= rows[0]["test_acc"] <= 1
+    header = (smoke_run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train_loss", "train_acc", "test_acc", "examples_per_sec", "wall_time", "lr"} <= set(header)
+    assert (smoke_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((smoke_run / "config.json").read_text())["env"]["torch"] == torch.__version__
+    (ck,) = (smoke_run / "checkpoints").iterdir()
+    assert ck.name == "step-0000008" and {p.name for p in ck.iterdir()} == {
+        "model.safetensors", "state.safetensors", "meta.json"}
+
+
+def test_evaluate_reports_per_class_accuracy_and_a_confusion_png(capsys, smoke_run, tmp_path):
+    code, out, err = run(capsys, "evaluate", str(smoke_run), "--json", "--out", str(tmp_path))
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["examples"] == 10_000 and len(result["per_class_acc"]) == 10
+    cm = torch.tensor(result["confusion"])
+    assert cm.sum() == 10_000 and cm.sum(1).tolist() == [1000] * 10  # the real test set: 1,000 per class
+    assert result["test_acc"] == pytest.approx(float(cm.diag().sum()) / 10_000)
+    assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_existing_run_directory_is_never_reused(capsys, smoke_run):
+    before = (smoke_run / "metrics.jsonl").read_bytes()
+    code, _, err = run(capsys, "train", *SMOKE, "--out", str(smoke_run))
+    assert_one_line_error(code, err, "already exists", "--resume")
+    assert (smoke_run / "metrics.jsonl").read_bytes() == before
+
+
+def test_resume_refuses_changed_settings(capsys, smoke_run):
+    code, _, err = run(capsys, "train", "--resume", str(smoke_run), "--lr", "0.5")
+    assert_one_line_error(code, err, "--lr")
+
+
+def test_stop_early_then_resume_continues_the_run(capsys, tmp_path, fashion_mnist):
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "train", *SMOKE, "--max-steps", "3", "--out", str(out))
+    assert code == 0, err
+    assert "stopped before the end of the first epoch" in stdout
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000003"]
+    code, stdout, err = run(capsys, "train", "--resume", str(out), "--epochs", "2", "--quiet")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["step"] == 16
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-0000003", "step-0000008", "step-0000016"]
+
+
+def test_evaluate_a_corrupt_checkpoint_is_one_line(capsys, tmp_path, smoke_run):
+    import shutil
+
+    (ck,) = (smoke_run / "checkpoints").iterdir()
+    bad = tmp_path / "bad"
+    shutil.copytree(ck, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    code, _, err = run(capsys, "evaluate", str(bad))
+    assert_one_line_error(code, err, "model.safetensors")
