@@ -10,6 +10,15 @@ import torch
 from nin.data import DataError, find_files
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run small CPU tests on one thread (much faster on a shared, busy machine); restore after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def fashion_mnist() -> None:
     """Skip unless real Fashion-MNIST is on this machine; in CI its absence is a failure."""

@@ -11,13 +11,7 @@ from nin.loader import Augment, DeviceLoader, channel_stats, translate
 N = 103  # prime: no batch size divides it
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run these small CPU tests on one thread (much faster on a shared, busy machine); restore after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_images(n: int = N, channels: int = 1, size: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,13 +28,7 @@ from nin.models import (
 NAMES = list_models()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run these small CPU tests on one thread (much faster on a shared, busy machine); restore after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ helpers
