@@ -44,7 +44,7 @@ class DataConfig:
     test_subset: int | None = None
     resize: int | None = None  # None: the model's own input size
     normalize: bool = True  # by the training set's mean and std; False: 0-1 scale only
-    crop_padding: int = 2
+    crop_padding: int = 0
     flip: bool = True
 
 

@@ -28,8 +28,8 @@ from nin.loader import DeviceLoader
 class TrainConfig:
     """Optimization settings. Defaults are the fast CPU recipe for ``nin28``."""
 
-    epochs: int = 4
-    batch_size: int = 256
+    epochs: int = 3
+    batch_size: int = 64
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True
