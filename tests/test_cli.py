@@ -208,3 +208,11 @@ def test_evaluate_a_corrupt_checkpoint_is_one_line(capsys, tmp_path, smoke_run):
     weights.write_bytes(weights.read_bytes()[:-100])
     code, _, err = run(capsys, "evaluate", str(bad))
     assert_one_line_error(code, err, "model.safetensors")
+
+
+def test_an_unwritable_run_directory_is_one_line(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    code, _, err = run(capsys, "train", "--out", str(blocker / "run"))
+    assert_one_line_error(code, err, "cannot write the run directory")
+    assert blocker.read_text() == "keep me"

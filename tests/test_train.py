@@ -208,3 +208,35 @@ def test_resume_is_exact(tmp_path, stop_at):
     assert [h["epoch"] for h in history] == [1, 2]
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_bf16_autocast_trains_on_this_device():
+    train, test = loaders()
+    trainer = Trainer(small_model(), TrainConfig(**{**FAST, "epochs": 1, "amp": "bf16"}), train, test)
+    with trainer.autocast():
+        assert trainer.step_model(next(iter(train))[0]).dtype == torch.bfloat16
+    (epoch,) = trainer.fit()
+    assert math.isfinite(epoch["train_loss"]) and math.isfinite(epoch["test_loss"])
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # weights stay fp32
+
+
+def test_checkpointer_keeps_the_last_n(tmp_path):
+    train, test = loaders()
+    saver = Checkpointer(tmp_path, {}, keep_last=2)
+    Trainer(small_model(), TrainConfig(**FAST), train, test, [saver]).fit()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-0000032", "step-0000048"]
+    assert saver.last_path.name == "step-0000048"
+
+
+def test_compiled_training_matches_eager():
+    results = []
+    for compiled in (False, True):
+        train, test = loaders()
+        trainer = Trainer(small_model(), TrainConfig(**{**FAST, "epochs": 1, "compile": compiled}), train, test)
+        (epoch,) = trainer.fit()
+        results.append((epoch, trainer.model.state_dict()))
+    (eager, w_eager), (comp, w_comp) = results
+    assert comp["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
+    assert comp["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-3)
+    for k in w_eager:
+        assert torch.allclose(w_eager[k].float(), w_comp[k].float(), atol=1e-4), k
