@@ -523,18 +523,10 @@ def load(
     )
 
 
-def load_split(
-    dataset: str | IdxDataset,
-    split: str,
-    data_dir: str | os.PathLike[str] | None = None,
-    download: bool = True,
-    verify: bool = True,
-    *,
-    opener: Opener = urllib.request.urlopen,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(dataset: str | IdxDataset, split: str, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Load one split as (uint8 images [N, C, H, W] contiguous, int64 labels [N]).
 
-    See :func:`load` for where files are looked for and what is checked.
+    Takes the arguments of :func:`load`, which says where files are looked for and what is checked.
     """
-    loaded = load(dataset, split, data_dir, download, verify, opener=opener)
+    loaded = load(dataset, split, *args, **kwargs)
     return loaded.images, loaded.labels
