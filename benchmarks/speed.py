@@ -23,7 +23,7 @@ import torch
 from nin.loader import DeviceLoader
 from nin.models import create_model, init_weights
 from nin.run import resolve_device
-from nin.train import Trainer, TrainConfig, evaluate
+from nin.train import TrainConfig, Trainer, evaluate
 
 CASES = {"nin_d2l": (224, 128), "nin28": (28, 256)}
 

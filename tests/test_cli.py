@@ -108,7 +108,8 @@ def test_cuda_without_a_gpu_is_a_user_error(capsys, tmp_path):
 def test_errors_from_a_subprocess_have_no_traceback():
     p = subprocess.run([sys.executable, "-m", "nin", "train", "--batch-size", "-3"], capture_output=True, text=True)
     assert p.returncode == 2 and p.stdout == ""
-    assert p.stderr.strip().splitlines() == ["nin: error: train: argument --batch-size: expected a positive integer, got '-3'"]
+    expected = "nin: error: train: argument --batch-size: expected a positive integer, got '-3'"
+    assert p.stderr.strip().splitlines() == [expected]
 
 
 def test_module_entry_point_prints_shapes():

@@ -6,15 +6,15 @@ import math
 
 import pytest
 import torch
+from conftest import synthetic_images
 from torch import nn
 
-from conftest import synthetic_images
 from nin import checkpoint as ckpt
 from nin.callbacks import Checkpointer
 from nin.errors import NinError
 from nin.loader import Augment, DeviceLoader
 from nin.models import create_model
-from nin.train import Callback, Diverged, Trainer, TrainConfig, confusion_matrix, evaluate, lr_at
+from nin.train import Callback, Diverged, TrainConfig, Trainer, confusion_matrix, evaluate, lr_at
 
 
 def loaders(n=512, classes=4, size=12, channels=1, batch=32, augment=Augment()):

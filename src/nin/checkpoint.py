@@ -124,7 +124,8 @@ def load_weights(path: str | os.PathLike, model: nn.Module) -> None:
     for k, v in weights.items():
         if v.shape != expected[k].shape or v.dtype != expected[k].dtype:
             raise CheckpointError(
-                f"{file}: {k} is {v.dtype} {tuple(v.shape)}, the model expects {expected[k].dtype} {tuple(expected[k].shape)}"
+                f"{file}: {k} is {v.dtype} {tuple(v.shape)}, "
+                f"the model expects {expected[k].dtype} {tuple(expected[k].shape)}"
             )
     model.load_state_dict(weights)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from nin.errors import NinError
 
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="directory holding the data files")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=_positive_int, default=1000)
-    p.add_argument("--out", help="where to write confusion.png and evaluation.json (default: the checkpoint's directory)")
+    p.add_argument("--out", help="where to write confusion.png and evaluation.json (default: the checkpoint)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 

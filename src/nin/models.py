@@ -19,9 +19,10 @@ from __future__ import annotations
 import difflib
 import math
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Iterator, Literal, Mapping, Union
+from typing import Literal
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from nin.errors import NinError
 
 #: A width is a channel count, or ``CLASSES`` for "as many channels as classes".
 CLASSES = "classes"
-Width = Union[int, Literal["classes"]]
+Width = int | Literal["classes"]
 
 
 # --------------------------------------------------------------------------- specs
@@ -75,7 +76,7 @@ class Dropout:
     p: float = 0.5
 
 
-Stage = Union[Block, Pool, Dropout]
+Stage = Block | Pool | Dropout
 
 
 # ------------------------------------------------------------------- the builder
@@ -370,7 +371,7 @@ def nin_cifar10(**kw) -> NiN:
     return _build(NIN_CIFAR10, (3, 32, 32), **kw)
 
 
-@register_model((1, 28, 28), "NiN for 28x28 at native resolution with BatchNorm: 16-16 / 64-64 / 96-96-10, fast on a CPU")
+@register_model((1, 28, 28), "NiN for 28x28 at native resolution with BatchNorm: 16-16 / 64-64 / 96-96-10, fast on CPU")
 def nin28(**kw) -> NiN:
     return _build(NIN28, (1, 28, 28), **{"batch_norm": True, **kw})
 

@@ -25,7 +25,7 @@ from nin.data import DATASETS, class_names, load_split
 from nin.errors import NinError
 from nin.loader import Augment, DeviceLoader, channel_stats
 from nin.models import DEFAULT_MODEL, create_model, init_weights
-from nin.train import Callback, Diverged, Trainer, TrainConfig
+from nin.train import Callback, Diverged, TrainConfig, Trainer
 
 
 @dataclass
@@ -271,7 +271,8 @@ def train(
     try:
         history = trainer.fit()
     except Diverged as e:
-        where = f"; last good checkpoint: {checkpointer.last_path}" if checkpointer.last_path else "; no checkpoint was saved yet"
+        last = checkpointer.last_path
+        where = f"; last good checkpoint: {last}" if last else "; no checkpoint was saved yet"
         raise Diverged(e.step, e.epoch, e.loss, note=where) from None
     return Result(history, run_dir, checkpointer.last_path, trainer)
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -125,7 +126,9 @@ class _Position:
     epoch: int = 0  # epochs completed
     batch: int = 0  # batches done in the current epoch
     step: int = 0  # optimizer steps done in all
-    tally: dict[str, float] = field(default_factory=lambda: {"loss_sum": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0})
+    tally: dict[str, float] = field(
+        default_factory=lambda: {"loss_sum": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
+    )
 
 
 class Trainer:
