@@ -134,23 +134,22 @@ class DeviceLoader:
 
     def iterate(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield this epoch's batches from batch index ``start`` on."""
-        order = self._order()
-        batches = self._batches(order)
+        # The epoch's order and augmentation draws go to the device once; each batch is then
+        # pure device work with no host round trip.
+        batches = self._batches(self._order().to(self.device))
         shifts = flips = None
         if self.augment.enabled:
             g = self._generator(1)
             n, p = len(self.images), self.augment.crop_padding
-            shifts = torch.randint(-p, p + 1, (n, 2), generator=g) if p else None
-            flips = torch.rand(n, generator=g) < 0.5 if self.augment.flip else None
+            shifts = torch.randint(-p, p + 1, (n, 2), generator=g).to(self.device) if p else None
+            flips = (torch.rand(n, generator=g) < 0.5).to(self.device) if self.augment.flip else None
         for idx in batches[start:]:
-            dev_idx = idx.to(self.device, non_blocking=True)
-            x = self.images[dev_idx]
+            x = self.images[idx]
             if shifts is not None:
-                x = translate(x, shifts[idx].to(self.device, non_blocking=True))
+                x = translate(x, shifts[idx], self.augment.crop_padding)
             if flips is not None:
-                f = flips[idx].to(self.device, non_blocking=True).view(-1, 1, 1, 1)
-                x = torch.where(f, x.flip(-1), x)
-            yield self.transform(x), self.labels[dev_idx]
+                x = torch.where(flips[idx].view(-1, 1, 1, 1), x.flip(-1), x)
+            yield self.transform(x), self.labels[idx]
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, C, H, W]`` -> normalized float32 at the output size."""
@@ -163,14 +162,15 @@ class DeviceLoader:
         return x
 
 
-def translate(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+def translate(x: torch.Tensor, shifts: torch.Tensor, max_shift: int | None = None) -> torch.Tensor:
     """Shift each image of ``x`` by ``shifts[i] = (dy, dx)`` pixels, filling with zeros.
 
-    The same as padding by ``max|shift|`` and taking a random crop, done for the
-    whole batch with one gather.
+    The same as padding by ``max_shift`` (default: the largest shift, which costs
+    a host sync on a GPU) and taking a random crop, done for the whole batch with
+    one gather.
     """
     b, c, h, w = x.shape
-    p = int(shifts.abs().max()) if len(shifts) else 0
+    p = max_shift if max_shift is not None else (int(shifts.abs().max()) if len(shifts) else 0)
     if p == 0:
         return x
     padded = F.pad(x, (p, p, p, p))

@@ -43,7 +43,7 @@ class TrainConfig:
     compile: bool = False
     max_steps: int | None = None  # stop early (smoke runs); the schedule still spans all epochs
     eval_batch_size: int = 1000
-    check_every: int = 1  # steps between finiteness checks of the loss (each one syncs a GPU)
+    check_every: int | None = None  # steps between loss finiteness checks; None: 1 on CPU, 50 on GPU (each syncs)
 
     def validate(self) -> None:
         def bad(msg: str) -> None:
@@ -71,6 +71,8 @@ class TrainConfig:
             bad(f"unknown amp mode {self.amp!r}; choose none or bf16")
         if self.max_steps is not None and self.max_steps < 1:
             bad(f"max steps must be at least 1, got {self.max_steps}")
+        if self.check_every is not None and self.check_every < 1:
+            bad(f"check_every must be at least 1, got {self.check_every}")
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -240,6 +242,7 @@ class Trainer:
         )
         losses = torch.zeros(len(loader), device=self.device)
         checked = pos.batch
+        check_every = cfg.check_every or (1 if self.device.type == "cpu" else 50)
         t0 = time.perf_counter()
         total = self.total_steps
         for x, y in loader.iterate(start=pos.batch):
@@ -259,7 +262,7 @@ class Trainer:
             tally.seen += len(y)
             pos.batch += 1
             pos.step += 1
-            if pos.batch - checked >= cfg.check_every:
+            if pos.batch - checked >= check_every:
                 self._check_finite(losses, checked, pos.batch)
                 checked = pos.batch
             for cb in self.callbacks:
