@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_curves(history: Sequence[dict[str, float]], path: str | os.PathLike, title: str = "") -> Path:
@@ -22,6 +23,7 @@ def plot_curves(history: Sequence[dict[str, float]], path: str | os.PathLike, ti
         ax.plot(epochs, [h["test_acc"] for h in history], "-.", label="test acc")
     ax.set_xlabel("epoch")
     ax.set_xlim(0.5, max(epochs, default=1) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     if title:
