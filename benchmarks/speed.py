@@ -6,9 +6,9 @@
 Data are random uint8 images resident on the device, fed through the same
 DeviceLoader as training (normalization and, for nin_d2l, the resize to 224 on
 the device), so the figures include the input pipeline. Training runs
-``--warmup`` steps, then times ``--steps`` steps (the median of per-epoch rates
-is not used: one timed epoch of exactly ``--steps`` steps). Inference times
-``--steps`` eval batches with no autograd. Every setting used is printed.
+``--warmup`` steps, then times the next ``--steps`` steps as one block.
+Inference reports the median of three timed passes over ``--steps`` eval
+batches with no autograd. Every setting used is printed.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -240,3 +241,29 @@ def test_compiled_training_matches_eager():
     assert comp["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-3)
     for k in w_eager:
         assert torch.allclose(w_eager[k].float(), w_comp[k].float(), atol=1e-4), k
+
+
+class SlowEval(nn.Module):
+    """Sleep 0.1 s per forward in eval mode, so evaluation time is known to be at least 0.2 s per epoch."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        if not self.training:
+            time.sleep(0.1)
+        return self.model(x)
+
+
+def test_wall_time_of_a_resumed_run_counts_earlier_evaluation():
+    train, test = loaders()
+    model = SlowEval(small_model())
+    first = Trainer(model, TrainConfig(**{**FAST, "epochs": 1}), train, test)
+    first.fit()
+    second = Trainer(model, TrainConfig(**{**FAST, "epochs": 2}), train, test)
+    second.load_state_dict(first.state_dict())
+    h = second.fit()
+    assert h[0]["wall_time"] >= h[0]["epoch_time"] + 0.2
+    # the second epoch adds its training and its (slow) evaluation to the first epoch's wall time
+    assert h[1]["wall_time"] - h[0]["wall_time"] >= h[1]["epoch_time"] + 0.2

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +111,7 @@ class CurvePlotter(Callback):
 class Checkpointer(Callback):
     """A checkpoint after each epoch (and where a run stops early), keeping the last ``keep_last``."""
 
-    def __init__(self, run_dir: str | os.PathLike, meta: Callable[[], dict[str, Any]] | dict[str, Any],
-                 keep_last: int = 3) -> None:
+    def __init__(self, run_dir: str | os.PathLike, meta: dict[str, Any], keep_last: int = 3) -> None:
         self.run_dir = Path(run_dir)
         self.meta = meta
         self.keep_last = keep_last
@@ -137,8 +135,7 @@ class Checkpointer(Callback):
         if path.exists():  # already saved at this step (e.g. resumed and stopped again at once)
             self.last_path = path
             return path
-        meta = self.meta() if callable(self.meta) else self.meta
-        self.last_path = save_checkpoint(path, trainer.model, trainer.state_dict(), meta)
+        self.last_path = save_checkpoint(path, trainer.model, trainer.state_dict(), self.meta)
         for old in list_checkpoints(self.run_dir)[: -self.keep_last] if self.keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         return self.last_path

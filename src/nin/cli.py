@@ -254,29 +254,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from nin import checkpoint as ckpt
     from nin.data import load_split
     from nin.loader import DeviceLoader
-    from nin.models import create_model
     from nin.plots import plot_confusion
-    from nin.run import resolve_device
+    from nin.run import load_trained
     from nin.train import confusion_matrix, predict
 
-    path = ckpt.resolve(args.checkpoint)
-    meta = ckpt.read_meta(path)
-    try:
-        m, d = meta["model"], meta["data"]
-        name, options = m["name"], dict(m.get("options", {}))
-        dataset, size, mean, std, classes = d["dataset"], d["size"], d["mean"], d["std"], d["classes"]
-    except (KeyError, TypeError) as e:
-        raise ckpt.CheckpointError(f"{path / 'meta.json'}: missing field {e}") from None
-    device = resolve_device(args.device)
-    model = create_model(name, **options)
-    ckpt.load_weights(path, model)
-    model.to(device)
+    t = load_trained(args.checkpoint, args.device)
+    model, path, name, dataset, classes = t.model, t.path, t.name, t.dataset, t.classes
     images, labels = load_split(dataset, "test", args.data_dir)
-    loader = DeviceLoader(images.to(device), labels.to(device), args.batch_size, size=tuple(size),
-                          mean=tuple(mean), std=tuple(std))
+    device = next(model.parameters()).device
+    loader = DeviceLoader(images.to(device), labels.to(device), args.batch_size, size=t.size, mean=t.mean, std=t.std)
     preds, truth = predict(model, loader)
     k = len(classes)
     cm = confusion_matrix(preds, truth, k)

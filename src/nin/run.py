@@ -277,6 +277,35 @@ def train(
     return Result(history, run_dir, checkpointer.last_path, trainer)
 
 
+@dataclass
+class Trained:
+    """A model rebuilt from a checkpoint, with what its input pipeline needs."""
+
+    model: nn.Module
+    path: Path  # the checkpoint directory
+    name: str  # the registered model name
+    dataset: str
+    size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: list[str]
+
+
+def load_trained(checkpoint: str | os.PathLike, device: str = "auto") -> Trained:
+    """Rebuild the model saved in a checkpoint (or a run's latest one) on ``device``, in eval mode."""
+    path = ckpt.resolve(checkpoint)
+    meta = ckpt.read_meta(path)
+    try:
+        m, d = meta["model"], meta["data"]
+        name, options = m["name"], dict(m.get("options", {}))
+        info = (d["dataset"], tuple(d["size"]), tuple(d["mean"]), tuple(d["std"]), list(d["classes"]))
+    except (KeyError, TypeError) as e:
+        raise ckpt.CheckpointError(f"{path / 'meta.json'}: missing or malformed field {e}") from None
+    model = create_model(name, **options)
+    ckpt.load_weights(path, model)
+    return Trained(model.to(resolve_device(device)).eval(), path, name, *info)
+
+
 def summary_line(history: list[dict[str, float]], device: torch.device) -> str:
     """The seed's closing lines: last epoch's loss and accuracies, and examples/sec over all epochs."""
     last = history[-1]

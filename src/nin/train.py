@@ -114,16 +114,6 @@ class Callback:
 
 
 @dataclass
-class _EpochTally:
-    """Running sums of the epoch in progress, kept on the device (no host syncs)."""
-
-    loss_sum: torch.Tensor
-    correct: torch.Tensor
-    seen: int = 0
-    seconds: float = 0.0
-
-
-@dataclass
 class _Position:
     epoch: int = 0  # epochs completed
     batch: int = 0  # batches done in the current epoch
@@ -165,7 +155,7 @@ class Trainer:
         )
         self.pos = _Position()
         self.history: list[dict[str, float]] = []
-        self.start_time = time.perf_counter()
+        self.start_time = 0.0  # set by fit(): when wall_time would have been zero
 
     # ----------------------------------------------------------------- state
     @property
@@ -210,7 +200,9 @@ class Trainer:
     def fit(self) -> list[dict[str, float]]:
         """Train until ``config.epochs`` (or ``max_steps``); return the per-epoch metrics."""
         cfg = self.config
-        self.start_time = time.perf_counter() - sum(h["epoch_time"] for h in self.history)
+        # A resumed run's wall time continues from the last recorded epoch (evaluation included).
+        done = (self.history[-1]["wall_time"] if self.history else 0.0) + self.pos.tally["seconds"]
+        self.start_time = time.perf_counter() - done
         for cb in self.callbacks:
             cb.on_fit_start(self)
         while self.pos.epoch < cfg.epochs and not self._out_of_steps():
@@ -233,13 +225,10 @@ class Trainer:
         loader = self.train_loader
         loader.set_epoch(pos.epoch)
         self.model.train()
-        t = pos.tally
-        tally = _EpochTally(
-            torch.tensor(float(t["loss_sum"]), device=self.device),
-            torch.tensor(float(t["correct"]), device=self.device),
-            int(t["seen"]),
-            float(t["seconds"]),
-        )
+        t = pos.tally  # running sums of this epoch, kept on the device while it runs (no host syncs)
+        loss_sum = torch.tensor(float(t["loss_sum"]), device=self.device)
+        correct = torch.tensor(float(t["correct"]), device=self.device)
+        seen = int(t["seen"])
         losses = torch.zeros(len(loader), device=self.device)
         checked = pos.batch
         check_every = cfg.check_every or (1 if self.device.type == "cpu" else 50)
@@ -257,9 +246,9 @@ class Trainer:
             self.optimizer.step()
             loss = loss.detach()
             losses[pos.batch] = loss
-            tally.loss_sum += loss * len(y)
-            tally.correct += (out.argmax(1) == y).sum()
-            tally.seen += len(y)
+            loss_sum += loss * len(y)
+            correct += (out.argmax(1) == y).sum()
+            seen += len(y)
             pos.batch += 1
             pos.step += 1
             if pos.batch - checked >= check_every:
@@ -270,12 +259,11 @@ class Trainer:
             if self._out_of_steps() and pos.batch < len(loader):
                 break
         self._check_finite(losses, checked, pos.batch)
-        tally.seconds += time.perf_counter() - t0
         pos.tally = {
-            "loss_sum": float(tally.loss_sum),
-            "correct": float(tally.correct),
-            "seen": tally.seen,
-            "seconds": tally.seconds,
+            "loss_sum": float(loss_sum),
+            "correct": float(correct),
+            "seen": seen,
+            "seconds": t["seconds"] + time.perf_counter() - t0,
         }
         return pos.batch >= len(loader)
 
