@@ -87,6 +87,7 @@ PRESETS: dict[str, RunConfig] = {
         train=TrainConfig(
             epochs=10, batch_size=128, lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0,
             schedule="constant", warmup=0.0, label_smoothing=0.0, eval_batch_size=256,
+            amp="none",  # the seed trains in fp32
         ),
     ),
 }
@@ -97,6 +98,25 @@ def preset(name: str) -> RunConfig:
     if name not in PRESETS:
         raise NinError(f"unknown preset {name!r} (available: {', '.join(PRESETS)})")
     return copy.deepcopy(PRESETS[name])
+
+
+def configure_runtime(threads: int | None = None) -> None:
+    """Thread and allocator set-up for the process, before any work.
+
+    CPU: one compute thread per core this process may run on (``threads`` overrides),
+    never more, so a container's CPU limit is not oversubscribed. CUDA: the caching
+    allocator grows segments in place (``expandable_segments``) instead of keeping
+    many fixed blocks, unless ``PYTORCH_CUDA_ALLOC_CONF`` is already set.
+    """
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    if threads:
+        torch.set_num_threads(threads)
+    elif torch.get_num_threads() > cores:
+        torch.set_num_threads(cores)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -154,7 +174,7 @@ def build(cfg: RunConfig, *, init: bool = True) -> Built:
         raise NinError(f"--resize must be a positive size, got {d.resize}")
     size = (d.resize, d.resize) if d.resize else (h, w)
     mean, std = channel_stats(x_train) if d.normalize else ((0.0,), (1.0,))
-    common = dict(size=size, mean=mean, std=std, channels_last=cfg.train.channels_last)
+    common = dict(size=size, mean=mean, std=std, channels_last=cfg.train.resolved(device).channels_last)
     train_loader = DeviceLoader(
         x_train.to(device), y_train.to(device), cfg.train.batch_size, shuffle=True, seed=cfg.seed,
         augment=Augment(d.crop_padding, d.flip), **common,
