@@ -1,4 +1,4 @@
-"""The ``nin`` command: models, shapes, train, evaluate.
+"""The ``nin`` command: models, shapes, train, evaluate, bench.
 
 User errors (bad flags, missing or corrupt files) print one line,
 ``nin: error: ...``, and exit with status 2; nothing prints a traceback for them.
@@ -72,6 +72,17 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=_float, help="drop probability of every dropout stage")
 
 
+def _add_speed_options(g) -> None:
+    g.add_argument("--amp", choices=("auto", "none", "bf16"),
+                   help="bf16 autocast; auto (default): on where the device runs bf16 natively (GPUs, some CPUs)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC memory format (default on)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the model (default: on for CUDA, off on CPUs)")
+    g.add_argument("--fused", action=argparse.BooleanOptionalAction, help="fused optimizer step (default on)")
+    g.add_argument("--fold-bn", action=argparse.BooleanOptionalAction,
+                   help="evaluate with BatchNorm folded into the convolutions (default on)")
+
+
 def _model_options(args: argparse.Namespace) -> dict:
     keys = ("num_classes", "in_channels", "mlp_layers", "width", "batch_norm", "dropout")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
@@ -119,9 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-smoothing", type=_float)
     g.add_argument("--max-steps", type=_positive_int, help="stop after N optimizer steps (smoke runs)")
     g = p.add_argument_group("speed")
-    g.add_argument("--amp", choices=("none", "bf16"), help="bf16 autocast (fast on GPUs and bf16-capable CPUs)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction)
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    _add_speed_options(g)
     g.add_argument("--eval-batch-size", type=_positive_int)
     g.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
     g = p.add_argument_group("run")
@@ -138,6 +147,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=1000)
     p.add_argument("--out", help="where to write confusion.png and evaluation.json (default: the checkpoint)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("bench", help="training/inference speed, latency, memory and MFU; --baseline: vs the seed's way")
+    p.add_argument("--model", default="nin_d2l", help="registered model (default nin_d2l)")
+    p.add_argument("--size", type=_positive_int, help="input side (default: the model's)")
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    _add_speed_options(p)
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
+    g = p.add_argument_group("timing")
+    g.add_argument("--warmup", type=_nonneg_int, default=1, help="untimed steps first (default 1)")
+    g.add_argument("--steps", type=_positive_int, help="steps per timed block (default: about --block-seconds)")
+    g.add_argument("--block-seconds", type=_float, default=2.0)
+    g.add_argument("--repeats", type=_positive_int, default=3, help="timed blocks; the median is reported")
+    g.add_argument("--latency-runs", type=_positive_int, default=20)
+    g.add_argument("--data", choices=("auto", "real", "synthetic"), default="auto",
+                   help="auto: real Fashion-MNIST when found locally, else synthetic uint8 images")
+    g.add_argument("--data-dir", help="directory holding the data files")
+    g = p.add_argument_group("what to run")
+    g.add_argument("--baseline", action="store_true",
+                   help="also time the seed's way (fp32, NCHW, PIL resize in DataLoader workers) and print ratios")
+    g.add_argument("--workers", type=_nonneg_int, default=4, help="DataLoader workers of the baseline (default 4)")
+    g.add_argument("--ablate", action="store_true", help="also time the fast path with each speed switch flipped")
+    g.add_argument("--time-to-accuracy", action="store_true",
+                   help="train a recipe on real Fashion-MNIST; print when each --targets accuracy is first reached")
+    g.add_argument("--preset", default="default", help="recipe for --time-to-accuracy (default: default)")
+    g.add_argument("--epochs", type=_positive_int, help="epochs for --time-to-accuracy (default: the preset's)")
+    g.add_argument("--targets", default="0.91,0.93", help="test accuracies for --time-to-accuracy")
+    p.add_argument("--json", action="store_true", help="print the results as JSON (the table goes to stderr)")
     return parser
 
 
@@ -206,18 +243,16 @@ def cmd_shapes(args: argparse.Namespace) -> int:
 
 
 _TRAIN_FIELDS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup",
-                 "label_smoothing", "max_steps", "amp", "channels_last", "compile", "eval_batch_size")
+                 "label_smoothing", "max_steps", "amp", "channels_last", "compile", "fused", "fold_bn",
+                 "eval_batch_size")
 _DATA_FIELDS = ("dataset", "data_dir", "download", "subset", "test_subset", "resize", "crop_padding", "flip",
                 "normalize")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import torch
+    from nin.run import configure_runtime, preset, summary_line, train
 
-    from nin.run import preset, summary_line, train
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_runtime(args.threads)
     cfg = preset(args.preset or "default")
     given = {k for k, v in vars(args).items() if v is not None and v is not False}
     if args.resume:
@@ -289,7 +324,47 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"models": cmd_models, "shapes": cmd_shapes, "train": cmd_train, "evaluate": cmd_evaluate}
+def _targets(s: str) -> list[float]:
+    try:
+        values = [float(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(0 < v <= 1 for v in values):
+        raise NinError(f"--targets must be accuracies in (0, 1] separated by commas, got {s!r}")
+    return values
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from nin.bench import BenchConfig, run_bench, time_to_accuracy
+    from nin.run import configure_runtime, preset
+
+    configure_runtime(args.threads)
+    report = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else \
+        (lambda line: print(line, flush=True))
+    if args.time_to_accuracy:
+        targets = _targets(args.targets)
+        cfg = preset(args.preset)
+        if args.epochs:
+            cfg.train.epochs = args.epochs
+        cfg.device = args.device
+        cfg.data.data_dir = args.data_dir or cfg.data.data_dir
+        for f in ("amp", "channels_last", "compile", "fused", "fold_bn"):
+            if getattr(args, f) is not None:
+                setattr(cfg.train, f, getattr(args, f))
+        result = time_to_accuracy(cfg, targets, report)
+    else:
+        kw = {f: getattr(args, f) for f in ("model", "size", "batch_size", "device", "amp", "channels_last",
+                                            "compile", "fused", "fold_bn", "warmup", "steps", "block_seconds",
+                                            "repeats", "latency_runs", "data", "data_dir", "workers")}
+        kw = {k: v for k, v in kw.items() if v is not None}
+        result = run_bench(BenchConfig(**kw), baseline=args.baseline, ablate=args.ablate, report=report)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    return 0
+
+
+COMMANDS = {"models": cmd_models, "shapes": cmd_shapes, "train": cmd_train, "evaluate": cmd_evaluate,
+            "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,129 @@
+"""`nin bench`: the measuring pieces, a tiny end-to-end run, the baseline side by side, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nin.bench import (
+    BenchConfig,
+    matmul_peak,
+    peak_memory,
+    process_age,
+    reset_peak_memory,
+    run_bench,
+    time_to_accuracy,
+)
+from nin.cli import main
+from nin.errors import NinError
+from nin.run import preset
+
+CPU = torch.device("cpu")
+TINY = dict(warmup=1, steps=1, repeats=2, latency_runs=2, data="synthetic")
+
+
+def test_matmul_peak_is_a_plausible_rate(one_thread):
+    peak = matmul_peak(CPU, torch.float32, min_seconds=0.001, reps=2)
+    assert 1e8 < peak < 1e13
+
+
+def test_peak_memory_window_sees_a_new_allocation_and_resets():
+    reset_peak_memory(CPU)
+    before = peak_memory(CPU)
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    during = peak_memory(CPU)
+    del x
+    reset_peak_memory(CPU)
+    after = peak_memory(CPU)
+    assert during >= before + 48 * 2**20
+    assert after < during
+
+
+def test_process_age_counts_from_process_start():
+    assert 0 < process_age() < 24 * 3600
+
+
+def test_a_tiny_run_reports_every_figure(one_thread):
+    lines: list[str] = []
+    out = run_bench(BenchConfig(model="nin28", batch_size=16, **TINY), report=lines.append)
+    (case,) = out["cases"]
+    for key in ("train_img_s", "infer_img_s", "latency_ms", "train_peak_bytes", "infer_peak_bytes", "train_mfu"):
+        assert case[key] > 0, key
+    assert out["flops_forward"] == 12_261_760 and out["steps_per_block"] == 1
+    assert out["data"].startswith("synthetic")
+    text = "\n".join(lines)
+    assert "nin28 1x28x28, batch 16" in text and "peak FLOP/s" in text and "train MFU" in text
+    assert case["settings"]["fold_bn"] and not case["settings"]["compile"]
+
+
+def test_ablation_flips_each_switch_once(one_thread):
+    lines: list[str] = []
+    out = run_bench(BenchConfig(model="nin28", batch_size=16, amp="none", **TINY), ablate=True,
+                    report=lines.append)
+    names = [c["name"] for c in out["cases"]]
+    assert names == ["nin", "no channels_last", "no fused step", "no BN folding", "compile on", "bf16 autocast"]
+    assert out["cases"][1]["settings"]["channels_last"] is False
+    assert out["cases"][5]["dtype"] == "bf16"
+
+
+def test_baseline_runs_side_by_side_and_prints_ratios(one_thread):
+    lines: list[str] = []
+    out = run_bench(BenchConfig(model="nin_d2l", size=96, batch_size=4, workers=0, **TINY), baseline=True,
+                    report=lines.append)
+    fast, base = out["cases"]
+    assert base["name"] == "seed's way" and base["dtype"] == "fp32" and not base["settings"]["channels_last"]
+    assert base["train_img_s"] > 0 and base["infer_img_s"] > 0 and base["latency_ms"] > 0
+    assert any(line.startswith("speed-up") for line in lines)
+
+
+def test_baseline_is_only_for_the_seed_model():
+    with pytest.raises(NinError, match="--model nin_d2l"):
+        run_bench(BenchConfig(model="nin28", **TINY), baseline=True, report=lambda _: None)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(batch_size=0), "batch-size"), (dict(repeats=0), "repeats"), (dict(steps=0), "steps"),
+    (dict(data="imagenet"), "data choice"), (dict(model="nin_d2l", size=8), "does not fit"),
+])
+def test_bad_settings_are_one_clear_error(bad, match):
+    with pytest.raises(NinError, match=match):
+        run_bench(BenchConfig(**{**TINY, **bad}), report=lambda _: None)
+
+
+def test_time_to_accuracy_reports_when_targets_are_reached(fashion_mnist, one_thread):
+    cfg = preset("default")
+    cfg.data.subset, cfg.data.test_subset, cfg.train.epochs = 2000, 1000, 2
+    lines: list[str] = []
+    out = time_to_accuracy(cfg, [0.5, 0.999], report=lines.append)
+    assert len(out["epochs"]) == 2
+    hit = out["targets"]["0.5"]
+    assert hit is not None and hit["test_acc"] >= 0.5 and 0 < hit["seconds"] <= out["seconds"]
+    assert out["targets"]["0.999"] is None
+    assert any("50.00%: reached at" in line for line in lines)
+    assert any("99.90%: not reached" in line for line in lines)
+
+
+def test_cli_bench_json(capsys, one_thread):
+    code = main(["bench", "--model", "nin28", "--batch-size", "8", "--steps", "1", "--repeats", "1",
+                 "--latency-runs", "1", "--data", "synthetic", "--json", "--no-channels-last"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["model"] == "nin28" and doc["cases"][0]["settings"]["channels_last"] is False
+    assert "train img/s" in err  # the table goes to stderr with --json
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["bench", "--model", "nope"], "unknown model"),
+    (["bench", "--model", "nin28", "--baseline"], "--model nin_d2l"),
+    (["bench", "--batch-size", "0"], "positive"),
+    (["bench", "--time-to-accuracy", "--targets", "0.9,abc"], "--targets"),
+    (["bench", "--time-to-accuracy", "--targets", "1.5"], "--targets"),
+    (["bench", "--data", "imagenet"], "invalid choice"),
+])
+def test_cli_bench_bad_input_is_one_line(capsys, argv, match):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
