@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 nin bench --baseline                                 # nin_d2l at 224, batch 128: fast path vs the seed's way
 nin bench --model nin28 --ablate --repeats 5         # the default model, each speed switch flipped in turn
-nin bench --ablate --repeats 2                       # the same for nin_d2l at 224
+nin bench --ablate channels_last,fused --repeats 2  # the same for nin_d2l at 224 (bf16 and compile are slow to time here)
 nin bench --time-to-accuracy --epochs 2              # default recipe, 2-minute budget
 nin bench --time-to-accuracy --epochs 10             # default recipe, 10-minute budget
 out="runs/perf-$(date +%Y%m%d-%H%M%S)"

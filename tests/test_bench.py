@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -63,9 +64,20 @@ def test_ablation_flips_each_switch_once(one_thread):
     out = run_bench(BenchConfig(model="nin28", batch_size=16, amp="none", **TINY), ablate=True,
                     report=lines.append)
     names = [c["name"] for c in out["cases"]]
-    assert names == ["nin", "no channels_last", "no fused step", "no BN folding", "compile on", "bf16 autocast"]
+    assert names == ["nin", "channels_last off", "fused off", "fold_bn off", "compile on", "amp bf16"]
     assert out["cases"][1]["settings"]["channels_last"] is False
+    assert out["cases"][3]["settings"]["fold_bn"] is False
     assert out["cases"][5]["dtype"] == "bf16"
+    assert sum(line.count("x, infer") for line in lines) == 5
+
+
+def test_ablation_of_chosen_switches_flips_from_the_resolved_value(one_thread):
+    out = run_bench(BenchConfig(model="nin28", batch_size=16, channels_last=False, **TINY),
+                    ablate=["channels_last"], report=lambda _: None)
+    assert [c["name"] for c in out["cases"]] == ["nin", "channels_last on"]
+    assert out["cases"][1]["settings"]["channels_last"] is True
+    with pytest.raises(NinError, match="unknown switch"):
+        run_bench(BenchConfig(model="nin28", **TINY), ablate=["warp"], report=lambda _: None)
 
 
 def test_baseline_runs_side_by_side_and_prints_ratios(one_thread):
@@ -127,3 +139,19 @@ def test_cli_bench_bad_input_is_one_line(capsys, argv, match):
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2 and match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_runtime_set_up_caps_threads_at_the_usable_cores(monkeypatch):
+    from nin.run import configure_runtime
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    try:
+        configure_runtime(1)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(64)
+        configure_runtime()
+        assert torch.get_num_threads() <= len(os.sched_getaffinity(0))
+        assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    finally:
+        torch.set_num_threads(before)

@@ -168,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--baseline", action="store_true",
                    help="also time the seed's way (fp32, NCHW, PIL resize in DataLoader workers) and print ratios")
     g.add_argument("--workers", type=_nonneg_int, default=4, help="DataLoader workers of the baseline (default 4)")
-    g.add_argument("--ablate", action="store_true", help="also time the fast path with each speed switch flipped")
+    g.add_argument("--ablate", nargs="?", const="all", metavar="SWITCHES",
+                   help="also time the fast path with each speed switch flipped: all (default) or a comma list "
+                        "of channels_last, fused, fold_bn, compile, amp")
     g.add_argument("--time-to-accuracy", action="store_true",
                    help="train a recipe on real Fashion-MNIST; print when each --targets accuracy is first reached")
     g.add_argument("--preset", default="default", help="recipe for --time-to-accuracy (default: default)")
@@ -357,7 +359,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                             "compile", "fused", "fold_bn", "warmup", "steps", "block_seconds",
                                             "repeats", "latency_runs", "data", "data_dir", "workers")}
         kw = {k: v for k, v in kw.items() if v is not None}
-        result = run_bench(BenchConfig(**kw), baseline=args.baseline, ablate=args.ablate, report=report)
+        ablate = True if args.ablate == "all" else [a.strip() for a in (args.ablate or "").split(",") if a.strip()]
+        result = run_bench(BenchConfig(**kw), baseline=args.baseline, ablate=ablate, report=report)
     if args.json:
         print(json.dumps(result, indent=1))
     return 0
