@@ -100,16 +100,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _proc_field(path: str, key: str) -> str | None:
+    """The value after ``key:`` in a ``/proc`` text file, or None where there is none (or no /proc)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    cpu = _proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
+    return f"{cpu} ({torch.get_num_threads()} threads)"
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -128,12 +136,9 @@ def peak_memory(device: torch.device) -> int:
     """Bytes: peak CUDA allocation, or the process's peak resident set size since the last reset."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    hwm = _proc_field("/proc/self/status", "VmHWM")  # e.g. "1068500 kB"
+    if hwm:
+        return int(hwm.split()[0]) * 1024
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -297,28 +302,26 @@ def baseline_case(cfg: BenchConfig, data, device: torch.device, flops: tuple[int
 
     xtr, ytr, xte, yte = (t.cpu() for t in data[:4])
     size = cfg.size or model_entry(cfg.model).input_size[1]
-    reset_peak_memory(device)
-    # The seed asks for 4 workers whatever the core count; DataLoader's warning about that is expected here.
-    warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
-    with SeedWay(xtr, ytr, xte, yte, batch_size=cfg.batch_size, size=size, workers=cfg.workers,
-                 device=device) as way:
-        way.train_steps(max(cfg.warmup, 1))
+    def rate(run: Callable[[int], int]) -> float:
+        """Median images/sec of ``run(steps)`` over the timed blocks, after a warm-up call."""
+        run(max(cfg.warmup, 1))
         sync(device)
         times = [time.perf_counter()]
         for _ in range(cfg.repeats):
-            way.train_steps(steps)
+            run(steps)
             sync(device)
             times.append(time.perf_counter())
-        train_rate = _median_rate(times, steps * cfg.batch_size)
+        return _median_rate(times, steps * cfg.batch_size)
+
+    reset_peak_memory(device)
+    with warnings.catch_warnings(), SeedWay(xtr, ytr, xte, yte, batch_size=cfg.batch_size, size=size,
+                                            workers=cfg.workers, device=device) as way:
+        # The seed asks for 4 workers whatever the core count; DataLoader's warning about that is expected.
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        train_rate = rate(way.train_steps)
         train_peak = peak_memory(device)
         reset_peak_memory(device)
-        way.infer_batches(max(cfg.warmup, 1))
-        times = [time.perf_counter()]
-        for _ in range(cfg.repeats):
-            way.infer_batches(steps)
-            sync(device)
-            times.append(time.perf_counter())
-        infer_rate = _median_rate(times, steps * cfg.batch_size)
+        infer_rate = rate(way.infer_batches)
         lat = []
         for i in range(cfg.latency_runs + 3):
             t0 = time.perf_counter()
