@@ -28,7 +28,8 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -295,6 +296,14 @@ def fast_case(cfg: BenchConfig, data, device: torch.device, flops: tuple[int, in
     return _result(name, dtype, train_rate, infer_rate, lat, train_peak, infer_peak, flops, peaks, settings), steps
 
 
+@contextmanager
+def _no_worker_count_warning() -> Iterator[None]:
+    """The seed asks for 4 workers whatever the core count; DataLoader's warning about that is expected."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        yield
+
+
 def baseline_case(cfg: BenchConfig, data, device: torch.device, flops: tuple[int, int],
                   peaks: dict[str, float], steps: int) -> CaseResult:
     """Time the seed's way (:class:`nin.baseline.SeedWay`) on the same data, over the same number of steps."""
@@ -314,10 +323,8 @@ def baseline_case(cfg: BenchConfig, data, device: torch.device, flops: tuple[int
         return _median_rate(times, steps * cfg.batch_size)
 
     reset_peak_memory(device)
-    with warnings.catch_warnings(), SeedWay(xtr, ytr, xte, yte, batch_size=cfg.batch_size, size=size,
-                                            workers=cfg.workers, device=device) as way:
-        # The seed asks for 4 workers whatever the core count; DataLoader's warning about that is expected.
-        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+    with _no_worker_count_warning(), SeedWay(xtr, ytr, xte, yte, batch_size=cfg.batch_size, size=size,
+                                             workers=cfg.workers, device=device) as way:
         train_rate = rate(way.train_steps)
         train_peak = peak_memory(device)
         reset_peak_memory(device)
