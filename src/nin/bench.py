@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from nin.errors import NinError
-from nin.inference import fold_batchnorm, has_batchnorm
+from nin.inference import has_batchnorm
 from nin.loader import DeviceLoader
 from nin.models import create_model, init_weights, model_entry
 from nin.profile import count_flops
@@ -218,6 +218,17 @@ def _median_rate(times: list[float], images_per_block: int) -> float:
     return statistics.median(images_per_block / max(b - a, 1e-12) for a, b in zip(times, times[1:]))
 
 
+def _latencies(classify: Callable[[], int], runs: int, warmup: int = 3) -> list[float]:
+    """Seconds of each of ``runs`` calls of ``classify`` (which returns a host int, so it waits for the device)."""
+    times = []
+    for i in range(warmup + runs):
+        t0 = time.perf_counter()
+        classify()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def _steps_for(cfg: BenchConfig, step_seconds: float) -> int:
     return cfg.steps or max(1, min(1000, round(cfg.block_seconds / max(step_seconds, 1e-6))))
 
@@ -255,13 +266,12 @@ def fast_case(cfg: BenchConfig, data, device: torch.device, flops: tuple[int, in
     train_rate = _median_rate([start] + [clock.times[m] for m in marks_at[1:]], steps * cfg.batch_size)
     train_peak = peak_memory(device)
 
-    # Inference: eval mode, BatchNorm folded, no autograd.
-    eval_model = fold_batchnorm(model) if (tcfg.fold_bn and has_batchnorm(model)) else model.eval()
-    if tcfg.compile:
+    # Inference: the trainer's own evaluation model (BatchNorm folded where there is any), no autograd.
+    eval_model = probe.eval_model().eval()  # training is over for this case
+    if tcfg.compile and eval_model is not probe.step_model:  # a folded copy is not compiled yet
         eval_model = torch.compile(eval_model)
     reset_peak_memory(device)
-    batches = max(1, steps)
-    n_eval = min(len(xte), batches * cfg.batch_size)
+    n_eval = min(len(xte), steps * cfg.batch_size)
     eval_loader = DeviceLoader(xte[:n_eval], yte[:n_eval], cfg.batch_size, size=(size, size),
                                channels_last=tcfg.channels_last)
     warm_loader = DeviceLoader(xte[: cfg.batch_size], yte[: cfg.batch_size], cfg.batch_size, size=(size, size),
@@ -278,16 +288,11 @@ def fast_case(cfg: BenchConfig, data, device: torch.device, flops: tuple[int, in
     infer_rate = statistics.median(rates)
 
     # Batch-1 latency: a uint8 image on the device to a class index on the host.
-    one = xte[:1]
-    lat = []
-    with torch.inference_mode():
-        for i in range(cfg.latency_runs + 3):
-            sync(device)
-            t0 = time.perf_counter()
-            with probe.autocast():
-                int(eval_model(eval_loader.transform(one)).argmax(1))
-            if i >= 3:
-                lat.append(time.perf_counter() - t0)
+    def classify_one() -> int:
+        with torch.inference_mode(), probe.autocast():
+            return int(eval_model(eval_loader.transform(xte[:1])).argmax(1))
+
+    lat = _latencies(classify_one, cfg.latency_runs)
     infer_peak = peak_memory(device)
 
     dtype = "bf16" if tcfg.amp == "bf16" else "fp32"
@@ -329,12 +334,7 @@ def baseline_case(cfg: BenchConfig, data, device: torch.device, flops: tuple[int
         train_peak = peak_memory(device)
         reset_peak_memory(device)
         infer_rate = rate(way.infer_batches)
-        lat = []
-        for i in range(cfg.latency_runs + 3):
-            t0 = time.perf_counter()
-            way.predict_one(xte[0])
-            if i >= 3:
-                lat.append(time.perf_counter() - t0)
+        lat = _latencies(lambda: way.predict_one(xte[0]), cfg.latency_runs)
         infer_peak = peak_memory(device)
     settings = {"amp": "none", "channels_last": False, "compile": False, "fused": False, "fold_bn": False,
                 "loader": f"DataLoader, {cfg.workers} workers, PIL resize per image"}
