@@ -25,7 +25,8 @@ from nin.models import (
     nin_block,
 )
 
-NAMES = list_models()
+ALL = list_models()
+NAMES = list_models("nin")  # the NiN-specific tests; ALL also holds the classic baselines
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,7 +79,7 @@ def hand_param_count(spec, in_channels: int, num_classes: int, batch_norm: bool)
 # ----------------------------------------------------------- every model
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_every_model_builds_quietly_on_cpu_and_classifies_its_own_input(name, capsys):
     entry = model_entry(name)
     model = create_model(name)
@@ -315,14 +316,61 @@ def test_bad_override_values_raise_nin_error(name, overrides):
         create_model(name, **overrides)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_unknown_override_raises_nin_error_naming_it(name):
     with pytest.raises(NinError, match="depthh"):
         create_model(name, depthh=3)
 
 
 def test_overrides_constant_lists_what_create_model_accepts():
-    assert set(OVERRIDES) == {"num_classes", "in_channels", "mlp_layers", "width", "batch_norm", "dropout"}
+    assert set(OVERRIDES) == {"num_classes", "in_channels", "input_size", "mlp_layers", "width", "head_width",
+                              "batch_norm", "dropout"}
+    for name in NAMES:
+        assert model_entry(name).options == OVERRIDES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_head_width_widens_every_classifier_conv_but_the_last(name):
+    model = create_model(name, head_width=48)
+    last = convs(blocks(model)[-1])
+    assert [c.out_channels for c in last] == [48] * (len(last) - 1) + [10]
+    assert [c.in_channels for c in last[1:]] == [48] * (len(last) - 1)
+    with torch.no_grad():
+        assert model.eval()(random_input(model, 1)).shape == (1, 10)
+
+
+def test_head_width_of_nin_d2l_is_the_gradual_reduction_of_the_fourth_exercise():
+    one_step = create_model("nin_d2l")
+    gradual = create_model("nin_d2l", head_width=384)
+    assert [c.out_channels for c in convs(blocks(gradual)[-1])] == [384, 384, 10]
+    # 384->384 3x3, 384->384 1x1, 384->10 1x1 instead of 384->10 3x3, 10->10, 10->10
+    extra = (384 * 384 * 9 + 384) + (384 * 384 + 384) + (384 * 10 + 10) - (384 * 10 * 9 + 10) - 2 * (10 * 10 + 10)
+    assert n_params(gradual) - n_params(one_step) == extra
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_bad_head_width_raises(bad):
+    with pytest.raises(NinError, match="head_width"):
+        create_model("nin_d2l", head_width=bad)
+
+
+def test_head_width_needs_a_1x1_conv():
+    with pytest.raises(NinError, match="head_width"):
+        create_model("nin_d2l", head_width=64, mlp_layers=0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_input_size_override_sets_the_input_and_a_classic_model_sizes_its_first_fc_layer(name):
+    model = create_model(name, input_size=(96, 80))
+    assert model.input_size[1:] == (96, 80)
+    with torch.no_grad():  # a classic model whose flatten size were wrong would fail in its first Linear
+        assert model.eval()(torch.randn(2, model.input_size[0], 96, 80)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("bad", [(0, 28), (28,), "28x28", (28.5, 28), None])
+def test_bad_input_size_raises(bad):
+    with pytest.raises(NinError, match="input_size"):
+        create_model("nin28", input_size=bad)
 
 
 # ----------------------------------------------------------------- registry
@@ -363,10 +411,12 @@ def test_registering_an_existing_global_name_raises_and_changes_nothing():
     assert model_entry("nin_d2l").factory is models.nin_d2l
 
 
-def test_list_models_is_sorted_and_holds_the_three_models():
+def test_list_models_is_sorted_and_holds_the_nin_models_and_the_baselines():
     names = list_models()
     assert names == sorted(names)
-    assert {"nin_d2l", "nin_cifar10", "nin28"} <= set(names)
+    assert set(list_models("nin")) == {"nin_d2l", "nin_cifar10", "nin28"}
+    assert set(list_models("classic")) == {"lenet", "alexnet", "vgg11"}
+    assert set(names) == set(list_models("nin")) | set(list_models("classic"))
 
 
 def test_default_model_is_registered_for_28x28():

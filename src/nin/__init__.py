@@ -1,5 +1,6 @@
 """nin: Network-in-Network image classifiers (Lin, Chen & Yan, 2013) in PyTorch."""
 
+from nin import classic as _classic  # noqa: F401  (registers the classic baselines)
 from nin.errors import NinError
 from nin.models import NiN, create_model, list_models, nin_block
 

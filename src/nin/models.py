@@ -16,10 +16,9 @@ and each registered model is a one-line factory over a spec table.
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
@@ -28,6 +27,11 @@ import torch
 from torch import nn
 
 from nin.errors import NinError
+from nin.registry import MODELS, ModelEntry, Registry, create_model, list_models, model_entry, register_model
+
+__all__ = ["CLASSES", "DEFAULT_MODEL", "MODELS", "OVERRIDES", "SPECS", "Block", "Dropout", "ModelEntry", "NiN",
+           "Pool", "Registry", "create_model", "init_weights", "list_models", "model_entry", "nin_block",
+           "register_model"]
 
 #: A width is a channel count, or ``CLASSES`` for "as many channels as classes".
 CLASSES = "classes"
@@ -155,17 +159,22 @@ class NiN(nn.Module):
         input_size: tuple[int, int] = (224, 224),
         mlp_layers: int | None = None,
         width: float = 1.0,
+        head_width: int | None = None,
         batch_norm: bool = False,
         dropout: float | None = None,
     ) -> None:
         super().__init__()
         _check_overrides(num_classes, in_channels, mlp_layers, width, dropout)
+        input_size = check_input_size(input_size)
         stages: OrderedDict[str, nn.Module] = OrderedDict()
         counts = {"block": 0, "pool": 0, "drop": 0}
         cin = in_channels
-        for stage in spec:
+        last_block = max(i for i, s in enumerate(spec) if isinstance(s, Block))
+        for i, stage in enumerate(spec):
             if isinstance(stage, Block):
                 widths = _resolve_widths(stage, num_classes, mlp_layers, width)
+                if head_width is not None and i == last_block:
+                    widths = _head_widths(widths, head_width)
                 module: nn.Module = nin_block(
                     cin, widths, stage.kernel, stage.stride, stage.padding, batch_norm, stage.relu_last
                 )
@@ -198,6 +207,27 @@ class NiN(nn.Module):
         """Every stage in order, the head's ``gap`` and ``flatten`` included."""
         yield from self.features.named_children()
         yield from self.head.named_children()
+
+
+def _head_widths(widths: tuple[int, ...], head_width: int) -> tuple[int, ...]:
+    """The classifier block with every conv but the last ``head_width`` wide (a gradual reduction to the classes)."""
+    if not isinstance(head_width, int) or isinstance(head_width, bool) or head_width < 1:
+        raise NinError(f"head_width must be a positive integer, got {head_width!r}")
+    if len(widths) < 2:
+        raise NinError("head_width needs a 1x1 conv in the classifier block (mlp_layers of at least 1)")
+    return (head_width,) * (len(widths) - 1) + widths[-1:]
+
+
+def check_input_size(size) -> tuple[int, int]:
+    """``size`` as an ``(H, W)`` tuple of positive integers, or :class:`NinError`."""
+    try:
+        h, w = (int(v) for v in size)
+        ok = (h, w) == tuple(size) and h > 0 and w > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise NinError(f"input_size must be two positive integers (H, W), got {size!r}")
+    return h, w
 
 
 def _check_overrides(num_classes, in_channels, mlp_layers, width, dropout) -> None:
@@ -244,79 +274,15 @@ def init_weights(model: nn.Module, scheme: Literal["xavier", "kaiming", "default
 
 # ----------------------------------------------------------------------- registry
 
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """A registered model: its factory, default input (C, H, W) and a one-line description."""
-
-    name: str
-    factory: Callable[..., nn.Module]
-    input_size: tuple[int, int, int]
-    description: str
+#: The overrides every registered NiN accepts.
+OVERRIDES = ("num_classes", "in_channels", "input_size", "mlp_layers", "width", "head_width", "batch_norm",
+             "dropout")
 
 
-class Registry:
-    """Name -> :class:`ModelEntry`. Registering a name twice raises."""
-
-    def __init__(self) -> None:
-        self._entries: dict[str, ModelEntry] = {}
-
-    def register(self, input_size: tuple[int, int, int], description: str):
-        def deco(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-            name = factory.__name__
-            if name in self._entries:
-                raise ValueError(f"model {name!r} is already registered")
-            self._entries[name] = ModelEntry(name, factory, input_size, description)
-            return factory
-
-        return deco
-
-    def names(self) -> list[str]:
-        return sorted(self._entries)
-
-    def get(self, name: str) -> ModelEntry:
-        try:
-            return self._entries[name]
-        except KeyError:
-            near = difflib.get_close_matches(name, self._entries, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise NinError(f"unknown model {name!r}{hint} (available: {', '.join(self.names())})") from None
-
-
-MODELS = Registry()
-register_model = MODELS.register
-
-
-def list_models() -> list[str]:
-    """Names of all registered models, sorted."""
-    return MODELS.names()
-
-
-def model_entry(name: str) -> ModelEntry:
-    """The registry entry of ``name``; an unknown name raises :class:`NinError`."""
-    return MODELS.get(name)
-
-
-#: The overrides every registered model accepts.
-OVERRIDES = ("num_classes", "in_channels", "mlp_layers", "width", "batch_norm", "dropout")
-
-
-def create_model(name: str, **overrides) -> nn.Module:
-    """Build a registered model, e.g. ``create_model("nin_d2l", mlp_layers=1)``.
-
-    Accepted overrides: ``num_classes``, ``in_channels``, ``mlp_layers`` (0-3 1x1
-    convs per block), ``width`` (channel multiplier), ``batch_norm``, ``dropout``.
-    """
-    entry = model_entry(name)
-    unknown = sorted(set(overrides) - set(OVERRIDES))
-    if unknown:
-        raise NinError(f"unknown model option(s) {', '.join(unknown)}; accepted: {', '.join(OVERRIDES)}")
-    return entry.factory(**overrides)
-
-
-def _build(spec: tuple[Stage, ...], input_size: tuple[int, int, int], batch_norm: bool = False, **kw) -> NiN:
-    kw.setdefault("in_channels", input_size[0])
-    return NiN(spec, input_size=input_size[1:], batch_norm=batch_norm, **kw)
+def _build(spec: tuple[Stage, ...], default_input: tuple[int, int, int], batch_norm: bool = False, **kw) -> NiN:
+    kw.setdefault("in_channels", default_input[0])
+    kw.setdefault("input_size", default_input[1:])
+    return NiN(spec, batch_norm=batch_norm, **kw)
 
 
 # ---------------------------------------------------------------- the spec table
@@ -361,17 +327,20 @@ SPECS: Mapping[str, tuple[Stage, ...]] = MappingProxyType(
 )
 
 
-@register_model((1, 224, 224), "d2l's NiN for Fashion-MNIST at 224x224: 96/256/384/10 channels, 1,992,166 parameters")
+@register_model((1, 224, 224), "d2l's NiN for Fashion-MNIST at 224x224: 96/256/384/10 channels, 1,992,166 parameters",
+                options=OVERRIDES)
 def nin_d2l(**kw) -> NiN:
     return _build(NIN_D2L, (1, 224, 224), **kw)
 
 
-@register_model((3, 32, 32), "the paper's CIFAR-10 NiN: 192-160-96 / 192-192-192 / 192-192-10, 966,986 parameters")
+@register_model((3, 32, 32), "the paper's CIFAR-10 NiN: 192-160-96 / 192-192-192 / 192-192-10, 966,986 parameters",
+                options=OVERRIDES)
 def nin_cifar10(**kw) -> NiN:
     return _build(NIN_CIFAR10, (3, 32, 32), **kw)
 
 
-@register_model((1, 28, 28), "NiN for 28x28 at native resolution with BatchNorm: 16-16 / 64-64 / 96-96-10, fast on CPU")
+@register_model((1, 28, 28), "NiN for 28x28 at native resolution with BatchNorm: 16-16 / 64-64 / 96-96-10, fast on CPU",
+                options=OVERRIDES)
 def nin28(**kw) -> NiN:
     return _build(NIN28, (1, 28, 28), **{"batch_norm": True, **kw})
 

@@ -154,7 +154,10 @@ def build(cfg: RunConfig, *, init: bool = True) -> Built:
     cfg.train.validate()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model.name, **cfg.model.options)
+    options = dict(cfg.model.options)
+    if cfg.data.resize:  # the model is built for the size it is fed (a classic model's first FC layer depends on it)
+        options["input_size"] = (cfg.data.resize, cfg.data.resize)
+    model = create_model(cfg.model.name, **options)
     if init:
         init_weights(model, cfg.model.init)
     model.to(device)
@@ -181,7 +184,7 @@ def build(cfg: RunConfig, *, init: bool = True) -> Built:
     )
     test_loader = DeviceLoader(x_test.to(device), y_test.to(device), cfg.train.eval_batch_size, **common)
     meta = {
-        "model": {"name": cfg.model.name, "options": cfg.model.options},
+        "model": {"name": cfg.model.name, "options": options},
         "data": {"dataset": d.dataset, "size": list(size), "mean": list(mean), "std": list(std),
                  "classes": list(class_names(d.dataset))},
         "config": cfg.to_dict(),
