@@ -63,6 +63,47 @@ def test_shapes_takes_an_input_size_and_model_options(capsys):
     assert out.splitlines()[2].split()[2] == "96x22x22"
 
 
+def test_profile_prints_layers_totals_and_measured_memory_side_by_side(capsys):
+    code, out, _ = run(capsys, "profile", "nin28", "--batch", "4")
+    assert code == 0
+    total = next(line for line in out.splitlines() if line.startswith("total"))
+    assert total.split()[1] == "79,898"
+    assert "1 MAC = 2 FLOPs" in out and "first fully connected layer: none" in out
+    for what in ("inference (peak)", "training (peak)"):
+        row = next(line for line in out.splitlines() if line.startswith(what)).split()
+        assert row[-1].endswith("%") and row[-2] == "MiB" and row[-4] == "MiB"  # estimate, measured, difference
+        assert abs(float(row[-1].rstrip("%"))) < 15
+
+
+def test_profile_json_is_complete_and_adds_up(capsys):
+    code, out, _ = run(capsys, "profile", "nin28", "--batch", "4", "--format", "json")
+    d = json.loads(out)
+    assert code == 0 and d["model"] == "nin28" and d["input_size"] == [1, 28, 28] and d["batch"] == 4
+    assert d["params"] == sum(layer["params"] for layer in d["layers"]) == 79_898
+    assert d["macs"] == sum(layer["macs"] for layer in d["layers"]) and d["flops"] == 2 * d["macs"]
+    for what in ("training", "inference"):
+        assert sum(d[what]["parts"].values()) == d[what]["peak"]
+        assert abs(d[what]["peak"] / d["measured"][what] - 1) < 0.15
+
+
+def test_profile_takes_model_options_and_an_input_size(capsys):
+    code, out, _ = run(capsys, "profile", "nin_d2l:head_width=384", "--input", "96x96", "--no-measure",
+                       "--format", "json")
+    d = json.loads(out)
+    assert code == 0 and d["input_size"] == [1, 96, 96] and not d.get("measured")
+    assert d["params"] == 3_436_554  # block4: 384 -> 384 -> 384 -> 10 instead of 384 -> 10 -> 10 -> 10
+
+
+def test_profile_compare_puts_models_side_by_side(capsys):
+    code, out, _ = run(capsys, "profile", "--compare", "nin28", "lenet", "--no-measure", "--format", "markdown")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("|")]
+    assert code == 0 and rows[0][0] == "model" and [r[0] for r in rows[2:]] == ["nin28", "lenet"]
+    assert rows[2][2:5] == ["79,898", "0.3", "none"] and rows[3][2:5] == ["61,706", "0.2", "48,120"]
+    code, out, _ = run(capsys, "profile", "--compare", "nin28", "nin28:mlp_layers=1", "--no-measure", "--format",
+                       "json")
+    assert [d["label"] for d in json.loads(out)] == ["nin28", "nin28:mlp_layers=1"]
+
+
 @pytest.mark.parametrize(
     "argv,needles",
     [
@@ -82,6 +123,17 @@ def test_shapes_takes_an_input_size_and_model_options(capsys):
         (["train", "--dataset", "imagenet"], ["unknown dataset"]),
         (["train", "--device", "tpu"], ["device"]),
         (["evaluate", "/no/such/run"], ["/no/such/run", "no such file"]),
+        (["profile"], ["name a MODEL"]),
+        (["profile", "nin_d2"], ["unknown model 'nin_d2'", "nin_d2l"]),
+        (["profile", "nin28:width"], ["NAME:key=value"]),
+        (["profile", "nin28:width=wide"], ["'wide'"]),
+        (["profile", "nin28:depth=3", "--no-measure"], ["depth"]),
+        (["profile", "lenet:dropout=0.1", "--no-measure"], ["lenet", "dropout"]),
+        (["profile", "--compare", "nin28", "nope", "--no-measure"], ["unknown model 'nope'"]),
+        (["profile", "nin28", "--input", "3x28x28"], ["--in-channels 3"]),
+        (["profile", "lenet", "--input", "1x4x4", "--no-measure"], ["too small"]),
+        (["profile", "nin28", "--batch", "0"], ["--batch"]),
+        (["profile", "nin28", "--format", "csv"], ["--format"]),
         (["frobnicate"], ["invalid choice"]),
         ([], ["required"]),
     ],

@@ -1,4 +1,4 @@
-"""The ``nin`` command: models, shapes, train, evaluate, bench.
+"""The ``nin`` command: models, shapes, profile, train, evaluate, bench.
 
 User errors (bad flags, missing or corrupt files) print one line,
 ``nin: error: ...``, and exit with status 2; nothing prints a traceback for them.
@@ -7,6 +7,7 @@ User errors (bad flags, missing or corrupt files) print one line,
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Sequence
@@ -68,6 +69,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mlp-layers", type=int, choices=range(4), metavar="{0,1,2,3}",
                    help="1x1 convs per block (the seed's ablation; 2 is NiN's)")
     g.add_argument("--width", type=_float, help="channel width multiplier")
+    g.add_argument("--head-width", type=_positive_int,
+                   help="NiN: width of the classifier block's convs before the last (a gradual reduction)")
     g.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, help="BatchNorm after each conv")
     g.add_argument("--dropout", type=_float, help="drop probability of every dropout stage")
 
@@ -84,8 +87,32 @@ def _add_speed_options(g) -> None:
 
 
 def _model_options(args: argparse.Namespace) -> dict:
-    keys = ("num_classes", "in_channels", "mlp_layers", "width", "batch_norm", "dropout")
+    keys = ("num_classes", "in_channels", "mlp_layers", "width", "head_width", "batch_norm", "dropout")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def _option_value(s: str):
+    low = s.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(s)
+        except ValueError:
+            pass
+    raise NinError(f"option value {s!r} is not a number, true or false")
+
+
+def parse_model_ref(ref: str) -> tuple[str, dict]:
+    """``"nin_d2l:mlp_layers=1,width=0.5"`` -> ``("nin_d2l", {"mlp_layers": 1, "width": 0.5})``."""
+    name, _, rest = ref.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise NinError(f"model options must look like NAME:key=value,key=value, got {ref!r}")
+        options[key.strip().replace("-", "_")] = _option_value(value.strip())
+    return name.strip(), options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +127,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shapes", help="print each stage's output shape and parameter count")
     p.add_argument("model")
     p.add_argument("--input", type=parse_input_size, help="input size CxHxW (default: the model's)")
+    _add_model_options(p)
+
+    p = sub.add_parser("profile", help="per-layer parameters, MACs and memory, estimated and measured; --compare",
+                       description="Per-layer parameters, multiply-accumulates and activation memory, totals, "
+                                   "and inference/training memory at a batch size, estimated from shapes and "
+                                   "measured by a real training step and a real inference. A MODEL may carry "
+                                   "options: nin_d2l:mlp_layers=1,head_width=384.")
+    p.add_argument("model", nargs="?", help="registered model, optionally NAME:option=value,...")
+    p.add_argument("--compare", nargs="+", metavar="MODEL", help="put these models side by side")
+    p.add_argument("--input", type=parse_input_size, help="input size CxHxW or HxW (default: each model's)")
+    p.add_argument("--batch", type=_positive_int, default=128, help="batch size of the memory figures (default 128)")
+    p.add_argument("--device", default="auto", help="where to measure: auto, cpu or cuda[:N]")
+    p.add_argument("--amp", choices=("none", "bf16"), default="none",
+                   help="none: float32 (default); bf16: bfloat16 autocast with float32 weights")
+    p.add_argument("--optimizer", choices=("sgd", "momentum"), default="momentum",
+                   help="optimizer state: plain SGD (d2l's) or SGD with momentum (the trainer's, default)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="memory format of the measured runs (default: the trainer's, channels_last)")
+    p.add_argument("--measure", action=argparse.BooleanOptionalAction, default=True,
+                   help="run a real training step and inference to measure peak memory (default on)")
+    p.add_argument("--format", choices=("table", "markdown", "json"), default="table")
     _add_model_options(p)
 
     p = sub.add_parser("train", help="train a model (default: nin28 on Fashion-MNIST)")
@@ -219,11 +267,8 @@ def cmd_shapes(args: argparse.Namespace) -> int:
     model = create_model(args.model, **_model_options(args))
     c, h, w = model.input_size
     if args.input:
-        ic, h, w = args.input
-        c = ic or c
-        if c != model.input_size[0]:
-            raise NinError(f"{args.model} takes {model.input_size[0]} input channel(s), not {c} "
-                           f"(use --in-channels {c} to change the model)")
+        c, h, w = _checked_input(args.model, model, args.input)
+        model = create_model(args.model, **_model_options(args), input_size=(h, w))
     x = torch.rand(1, c, h, w)
     model.eval()
     rows = []
@@ -241,6 +286,51 @@ def cmd_shapes(args: argparse.Namespace) -> int:
     for name, layer, shape, n in rows:
         print(f"{name:<9}{layer:<19}{shape:<16}{n:>11,}")
     print(f"{'total':<44}{sum(r[3] for r in rows):>11,}")
+    return 0
+
+
+def _checked_input(name: str, model, size: tuple[int, int, int]) -> tuple[int, int, int]:
+    ic, h, w = size
+    c = ic or model.input_size[0]
+    if c != model.input_size[0]:
+        raise NinError(f"{name} takes {model.input_size[0]} input channel(s), not {c} "
+                       f"(use --in-channels {c} to change the model)")
+    return c, h, w
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from nin.measure import measure_both
+    from nin.models import create_model
+    from nin.profile import profile_model
+    from nin.report import render, render_compare
+    from nin.run import configure_runtime, resolve_device
+
+    refs = ([args.model] if args.model else []) + (args.compare or [])
+    if not refs:
+        raise NinError("profile: name a MODEL, or several with --compare")
+    configure_runtime(None)
+    device = resolve_device(args.device)
+    common = _model_options(args)
+    profiles = []
+    for ref in refs:
+        name, options = parse_model_ref(ref)
+        options = {**common, **options}
+        model = create_model(name, **options)
+        if args.input:
+            _, h, w = _checked_input(name, model, args.input)
+            options["input_size"] = (h, w)
+            model = create_model(name, **options)
+        prof = profile_model(model, name=ref, batch=args.batch, amp=args.amp, optimizer=args.optimizer,
+                             device=device.type)
+        if args.measure:
+            factory = functools.partial(create_model, name, **options)
+            prof.measured = measure_both(factory, prof.input_size, args.batch, device, amp=args.amp,
+                                         optimizer=args.optimizer, channels_last=args.channels_last)
+        profiles.append((ref, prof))
+    if args.compare:
+        print(render_compare(profiles, args.format), end="")
+    else:
+        print(render(profiles[0][1], args.format), end="")
     return 0
 
 
@@ -366,8 +456,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"models": cmd_models, "shapes": cmd_shapes, "train": cmd_train, "evaluate": cmd_evaluate,
-            "bench": cmd_bench}
+COMMANDS = {"models": cmd_models, "shapes": cmd_shapes, "profile": cmd_profile, "train": cmd_train,
+            "evaluate": cmd_evaluate, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
