@@ -47,6 +47,8 @@ def test_models_lists_the_registry(capsys):
     assert rows["nin_d2l"]["params"] == 1_992_166 and rows["nin_d2l"]["input"] == "1x224x224"
     assert rows["nin_cifar10"]["params"] == 966_986
     assert rows["nin28"]["default"] is True
+    assert rows["lenet"]["family"] == "classic" and rows["nin_d2l"]["family"] == "nin"
+    assert "head_width" in rows["nin_d2l"]["options"] and "dropout" not in rows["lenet"]["options"]
 
 
 def test_shapes_matches_the_seed_table(capsys):

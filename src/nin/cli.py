@@ -247,15 +247,18 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name in list_models():
         e = model_entry(name)
         params = sum(p.numel() for p in create_model(name).parameters())
-        rows.append({"name": name, "input": "x".join(map(str, e.input_size)), "params": params,
-                     "default": name == DEFAULT_MODEL, "description": e.description})
+        rows.append({"name": name, "family": e.family, "input": "x".join(map(str, e.input_size)), "params": params,
+                     "default": name == DEFAULT_MODEL, "description": e.description, "options": list(e.options)})
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'model':<14}{'input':<12}{'params':>12}  description")
+    print(f"{'model':<14}{'family':<9}{'input':<12}{'params':>12}  description")
     for r in rows:
         mark = " (default)" if r["default"] else ""
-        print(f"{r['name']:<14}{r['input']:<12}{r['params']:>12,}  {r['description']}{mark}")
+        print(f"{r['name']:<14}{r['family']:<9}{r['input']:<12}{r['params']:>12,}  {r['description']}{mark}")
+    print("\noptions (nin shapes/profile/train flags, or NAME:key=value in nin profile):")
+    for r in rows:
+        print(f"  {r['name']:<12}{', '.join(r['options'])}")
     return 0
 
 
