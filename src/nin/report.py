@@ -21,10 +21,11 @@ def si(n: int | float) -> str:
     return f"{n:g}"
 
 
-def _pct(estimate: int, measured: int | None) -> str:
-    if not measured:
+def pct(value: float, reference: float | None) -> str:
+    """How far ``value`` is from ``reference``: '+1.7%' ('' without a reference; never '-0.0%')."""
+    if not reference:
         return ""
-    return f"{estimate / measured - 1:+.1%}"
+    return f"{value / reference - 1:+.1%}".replace("-0.0%", "+0.0%")
 
 
 def _grid(rows: list[list[str]], markdown: bool, right: set[int]) -> list[str]:
@@ -83,7 +84,7 @@ def _memory_table(p: ModelProfile, md: bool) -> list[str]:
     for what, mem in (("inference", p.inference), ("training", p.training)):
         got = m.get(what)
         rows.append([f"**{what}** (peak)" if md else f"{what} (peak)", mib(mem.peak),
-                     mib(got) if got else "-", _pct(mem.peak, got)])
+                     mib(got) if got else "-", pct(mem.peak, got)])
         for part, n in mem.parts.items():
             rows.append([f"  {part}" if not md else f"&nbsp;&nbsp;{part}", mib(n), "", ""])
     return _grid(rows, md, {1, 2, 3})
