@@ -82,9 +82,8 @@ def measure_training(build: Callable[[], nn.Module], input_size: tuple[int, int,
                      device: torch.device, *, amp: str = "none", optimizer: str = "momentum",
                      channels_last: bool | None = None) -> int:
     """Peak bytes of building ``build()`` on ``device`` and running two real training steps at ``batch``."""
-    probe = build()
-    classes = probe.num_classes
-    del probe
+    with torch.device("meta"):  # only to read the class count; allocates nothing
+        classes = build().num_classes
     images, labels = _data(batch, input_size, classes, device, steps=2)
     momentum = {"sgd": 0.0, "momentum": 0.9}.get(optimizer)
     if momentum is None:
