@@ -38,3 +38,44 @@ def synthetic_images(n: int, classes: int = 4, size: int = 12, channels: int = 1
     c = slice(size // 4, size - size // 4)
     x[:, :, c, c] += (labels * (200 // max(classes - 1, 1))).view(n, 1, 1, 1)
     return x.clamp(0, 255).to(torch.uint8), labels
+
+
+def make_cifar_archive(path, spec, counts: dict[str, int], seed: int = 0, *, extra_members=(), labels_fn=None):
+    """Write a CIFAR "python version" archive in the official layout (pickled dicts with bytes keys and
+    numpy arrays) holding ``counts[split]`` images per split. Images are learnable: each class has its own
+    colour. ``extra_members`` are (TarInfo, bytes) added as they are; ``labels_fn`` may rewrite the labels."""
+    import io
+    import pickle
+    import tarfile
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    k = spec.num_classes
+    palette = rng.integers(0, 256, (k, 3))
+
+    def batch(n: int, offset: int) -> bytes:
+        labels = [(offset + i) % k for i in range(n)]
+        img = rng.integers(0, 64, (n, 3, 32, 32)) + palette[labels][:, :, None, None] // 2 + 32
+        d = {b"batch_label": b"generated", b"labels" if spec.label_key == "labels" else b"fine_labels":
+             labels_fn(labels) if labels_fn else labels, b"data": img.clip(0, 255).astype(np.uint8).reshape(n, -1),
+             b"filenames": [f"img_{offset + i}.png".encode() for i in range(n)]}
+        return pickle.dumps(d, protocol=4)
+
+    members = {spec.meta: pickle.dumps({spec.names_key.encode(): [f"class{i}".encode() for i in range(k)]},
+                                       protocol=4)}
+    offset = 0
+    for split, names in spec.batches.items():
+        n = counts[split]
+        sizes = [n // len(names) + (i < n % len(names)) for i in range(len(names))]
+        for name, size in zip(names, sizes):
+            members[name] = batch(size, offset)
+            offset += size
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(f"{spec.folder}/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for info, data in extra_members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path

@@ -266,9 +266,9 @@ returns a context manager whose ``read(n)`` yields the body."""
 
 
 def cache_dir(dataset: str | IdxDataset) -> Path:
-    """``$XDG_CACHE_HOME/nin/<name>``, or ``~/.cache/nin/<name>`` without it."""
+    """``$XDG_CACHE_HOME/nin/<name>``, or ``~/.cache/nin/<name>`` without it (any data set's name)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "nin" / get_dataset(dataset).name
+    return Path(base) / "nin" / (dataset.name if isinstance(dataset, IdxDataset) else dataset)
 
 
 def debian_dirs(spec: IdxDataset) -> list[Path]:
@@ -330,13 +330,15 @@ def download_file(
     sha256: str | None,
     opener: Opener = urllib.request.urlopen,
     timeout: float = 30.0,
+    check: Callable[[bytes, str], None] | None = None,
 ) -> Path:
     """Fetch the first URL that works into ``dest``, verified and atomically.
 
-    The body may be gzip or raw; the SHA-256 of the decompressed content must
-    equal ``sha256`` and the content must parse as IDX before anything is
-    written. The file is written to a temporary name in ``dest``'s directory
-    and moved into place with :func:`os.replace`; an existing ``dest`` is
+    By default the body may be gzip or raw; the SHA-256 of the decompressed
+    content must equal ``sha256`` and the content must parse as IDX before
+    anything is written. ``check(body, url)`` replaces that test for other
+    formats (it raises :class:`DataError` for a bad body). The file is written
+    to a temporary name in ``dest``'s directory and moved into place with :func:`os.replace`; an existing ``dest`` is
     never overwritten. Raises :class:`DownloadError` when no URL could be
     fetched, and :class:`DataError` when a fetched body was bad.
     """
@@ -354,9 +356,7 @@ def download_file(
         try:
             if len(body) > MAX_DOWNLOAD_BYTES:
                 raise DataError(f"{url}: larger than {MAX_DOWNLOAD_BYTES} bytes")
-            data = decompress_if_gzip(body, url)
-            check_sha256(data, sha256, url)
-            parse_idx(data, url)
+            (check or _check_idx_body(sha256))(body, url)
         except DataError as exc:
             failures.append(str(exc))
             content_error = exc
@@ -367,6 +367,15 @@ def download_file(
     if content_error is not None:
         raise DataError(f"{dest.name}: download failed: {reasons}") from content_error
     raise DownloadError(f"{dest.name}: download failed: {reasons}")
+
+
+def _check_idx_body(sha256: str | None) -> Callable[[bytes, str], None]:
+    def check(body: bytes, url: str) -> None:
+        data = decompress_if_gzip(body, url)
+        check_sha256(data, sha256, url)
+        parse_idx(data, url)
+
+    return check
 
 
 def write_atomically(dest: Path, body: bytes) -> None:
