@@ -17,7 +17,7 @@ the same number of steps).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +48,8 @@ class DeviceLoader:
     """Iterate ``(x, y)`` batches of a resident uint8 split.
 
     ``x`` is float32 ``[B, C, *size]``, normalized with ``mean``/``std`` (0-1
-    scale); ``y`` is int64 ``[B]``. Call :meth:`set_epoch` before each epoch.
+    scale), or passed through ``whiten`` instead (e.g. :class:`nin.whiten.Whitening`);
+    ``y`` is int64 ``[B]``. Call :meth:`set_epoch` before each epoch.
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class DeviceLoader:
         mean: tuple[float, ...] = (0.0,),
         std: tuple[float, ...] = (1.0,),
         augment: Augment = Augment(),
+        whiten: Callable[[torch.Tensor], torch.Tensor] | None = None,
         channels_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
@@ -85,6 +87,7 @@ class DeviceLoader:
         self.mean = torch.tensor(_per_channel(mean, c), device=self.device).view(1, c, 1, 1)
         self.std = torch.tensor(_per_channel(std, c), device=self.device).view(1, c, 1, 1)
         self.augment = augment
+        self.whiten = whiten
         self.channels_last = channels_last
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
@@ -152,11 +155,11 @@ class DeviceLoader:
             yield self.transform(x), self.labels[idx]
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 ``[B, C, H, W]`` -> normalized float32 at the output size."""
+        """uint8 ``[B, C, H, W]`` -> normalized (or whitened) float32 at the output size."""
         x = x.float().div_(255.0)
         if tuple(x.shape[2:]) != self.size:
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
-        x = x.sub_(self.mean).div_(self.std)
+        x = self.whiten(x) if self.whiten is not None else x.sub_(self.mean).div_(self.std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
