@@ -61,8 +61,8 @@ def test_onecycle_starts_at_a_tenth():
 @pytest.mark.parametrize(
     "field,value",
     [("epochs", 0), ("batch_size", 0), ("lr", -1.0), ("lr", float("nan")), ("momentum", 1.0),
-     ("weight_decay", -1e-4), ("schedule", "step"), ("warmup", 1.0), ("label_smoothing", 1.0),
-     ("amp", "fp8"), ("max_steps", 0), ("check_every", 0)],
+     ("weight_decay", -1e-4), ("schedule", "linear"), ("milestones", (0.9, 0.2)), ("milestones", (0.5, 1.0)),
+     ("gamma", 0.0), ("warmup", 1.0), ("label_smoothing", 1.0), ("amp", "fp8"), ("max_steps", 0), ("check_every", 0)],
 )
 def test_bad_config_values_are_user_errors(field, value):
     cfg = TrainConfig(**{field: value})

@@ -36,8 +36,10 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    schedule: Literal["constant", "cosine", "onecycle"] = "onecycle"
-    warmup: float = 0.2  # fraction of all steps spent warming up (cosine, onecycle)
+    schedule: Literal["constant", "cosine", "onecycle", "step"] = "onecycle"
+    warmup: float = 0.2  # fraction of all steps spent warming up (cosine, onecycle, step)
+    milestones: tuple[float, ...] = (0.5, 0.75)  # step: fractions of all steps where the lr is multiplied by gamma
+    gamma: float = 0.1
     label_smoothing: float = 0.1
     # Speed. "auto"/None pick per device (see resolved()): bf16, channels_last and compile on CUDA;
     # on a CPU, bf16 only where oneDNN runs it natively, channels_last always, no compile.
@@ -66,8 +68,12 @@ class TrainConfig:
             bad("nesterov needs a non-zero momentum")
         if self.weight_decay < 0:
             bad(f"weight decay must be >= 0, got {self.weight_decay}")
-        if self.schedule not in ("constant", "cosine", "onecycle"):
-            bad(f"unknown schedule {self.schedule!r}; choose constant, cosine or onecycle")
+        if self.schedule not in ("constant", "cosine", "onecycle", "step"):
+            bad(f"unknown schedule {self.schedule!r}; choose constant, cosine, onecycle or step")
+        if not all(0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+            bad(f"milestones must be increasing fractions of the run in (0, 1), got {list(self.milestones)}")
+        if not 0 < self.gamma <= 1:
+            bad(f"gamma must be in (0, 1], got {self.gamma}")
         if not 0 <= self.warmup < 1:
             bad(f"warmup must be a fraction in [0, 1), got {self.warmup}")
         if not 0 <= self.label_smoothing < 1:
@@ -107,6 +113,7 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
 
     constant: ``lr``. cosine: linear warm-up, then half a cosine down to 0.
     onecycle: linear warm-up from ``lr/10``, then linear decay to 0.
+    step: linear warm-up, then ``lr`` times ``gamma`` for each milestone passed.
     """
     if cfg.schedule == "constant":
         return cfg.lr
@@ -114,6 +121,8 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
     if step < warm:
         start = cfg.lr / 10 if cfg.schedule == "onecycle" else 0.0
         return start + (cfg.lr - start) * (step + 1) / warm
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** sum(step >= m * total_steps for m in cfg.milestones)
     frac = (step - warm) / max(1, total_steps - warm)
     if cfg.schedule == "cosine":
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
