@@ -118,7 +118,7 @@ def test_profile_compare_puts_models_side_by_side(capsys):
         (["shapes", "nin28", "--width", "-1"], ["width"]),
         (["train", "--lr", "abc"], ["--lr", "abc"]),
         (["train", "--epochs", "0"], ["--epochs"]),
-        (["train", "--schedule", "step"], ["--schedule"]),
+        (["train", "--schedule", "linear"], ["--schedule"]),
         (["train", "--preset", "fast"], ["unknown preset 'fast'"]),
         (["train", "--model", "resnet50"], ["unknown model 'resnet50'"]),
         (["train", "--momentum", "1.5"], ["momentum"]),

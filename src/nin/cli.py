@@ -1,4 +1,4 @@
-"""The ``nin`` command: models, shapes, profile, train, evaluate, bench.
+"""The ``nin`` command: models, datasets, shapes, profile, train, evaluate, bench.
 
 User errors (bad flags, missing or corrupt files) print one line,
 ``nin: error: ...``, and exit with status 2; nothing prints a traceback for them.
@@ -48,6 +48,13 @@ def _float(s: str) -> float:
         return float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+
+
+def _fractions(s: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions like 0.5,0.75, got {s!r}") from None
 
 
 def parse_input_size(s: str) -> tuple[int, int, int]:
@@ -124,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registered models")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+    p = sub.add_parser("datasets", help="the data sets, where each was found and whether its checksum matches")
+    p.add_argument("--data-dir", help="also look in this directory (as NIN_DATA_DIR)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
     p = sub.add_parser("shapes", help="print each stage's output shape and parameter count")
     p.add_argument("model")
     p.add_argument("--input", type=parse_input_size, help="input size CxHxW (default: the model's)")
@@ -151,21 +162,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
 
     p = sub.add_parser("train", help="train a model (default: nin28 on Fashion-MNIST)")
-    p.add_argument("--preset", help="recipe to start from: default (nin28, fast) or d2l (the seed's recipe)")
+    p.add_argument("--preset", help="recipe to start from: default (nin28, fast), d2l (the seed's recipe) or "
+                                    "nin-cifar10 (the paper's CIFAR-10 network and recipe)")
     p.add_argument("--model", help="registered model name (see `nin models`)")
     _add_model_options(p)
     p.add_argument("--init", choices=("xavier", "kaiming", "default"), help="weight initialization")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", help="fashion-mnist or mnist")
+    g.add_argument("--dataset", "--data", dest="dataset",
+                   help="fashion-mnist, mnist, cifar10, cifar100, or folder:PATH (one sub-folder per class)")
     g.add_argument("--data-dir", help="directory holding the data files (also NIN_DATA_DIR)")
     g.add_argument("--no-download", dest="download", action="store_false", default=None,
                    help="never download; fail if the files are not found")
+    g.add_argument("--no-checksum", dest="verify", action="store_false", default=None,
+                   help="accept files whose checksum differs from the published one (shapes and labels are "
+                        "still checked)")
+    g.add_argument("--test-dir", help="folder data: a test folder with the same class sub-folders")
+    g.add_argument("--test-fraction", type=_float,
+                   help="folder data without --test-dir: seeded share of each class held out (default 0.2)")
+    g.add_argument("--skip-bad-images", dest="skip_bad_images", action="store_true", default=None,
+                   help="folder data: leave out files that cannot be decoded (they are listed) instead of failing")
     g.add_argument("--subset", type=_positive_int, help="train on a seeded random subset of N images")
     g.add_argument("--test-subset", type=_positive_int, help="evaluate on a seeded random subset of N images")
     g.add_argument("--resize", type=_positive_int, help="input resolution (default: the model's)")
     g.add_argument("--crop-padding", type=_nonneg_int, help="random translation of up to N pixels")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips")
     g.add_argument("--normalize", action=argparse.BooleanOptionalAction, help="normalize by training mean/std")
+    g.add_argument("--whiten", action=argparse.BooleanOptionalAction,
+                   help="the paper's global contrast normalization and ZCA whitening, fitted on the training set")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=_positive_int)
     g.add_argument("--batch-size", type=_positive_int)
@@ -173,8 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=_float)
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
     g.add_argument("--weight-decay", type=_float)
-    g.add_argument("--schedule", choices=("constant", "cosine", "onecycle"))
+    g.add_argument("--schedule", choices=("constant", "cosine", "onecycle", "step"))
     g.add_argument("--warmup", type=_float, help="fraction of steps spent warming up")
+    g.add_argument("--milestones", type=_fractions, help="step schedule: fractions of the run where the lr drops, "
+                                                         "e.g. 0.5,0.75")
+    g.add_argument("--gamma", type=_float, help="step schedule: factor applied at each milestone (default 0.1)")
     g.add_argument("--label-smoothing", type=_float)
     g.add_argument("--max-steps", type=_positive_int, help="stop after N optimizer steps (smoke runs)")
     g = p.add_argument_group("speed")
@@ -262,6 +288,20 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from nin.datasets import status
+
+    rows = status(args.data_dir)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'dataset':<15}{'images':<10}{'classes':>8}  {'found in':<40}checksum")
+    for r in rows:
+        print(f"{r['name']:<15}{r['shape']:<10}{r['classes']:>8}  {r['found']:<40}{r['checksum']}")
+    print("\nfolder:PATH        your images, one sub-folder per class, decoded to the model's channels and size")
+    return 0
+
+
 def cmd_shapes(args: argparse.Namespace) -> int:
     import torch
 
@@ -338,10 +378,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 _TRAIN_FIELDS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup",
-                 "label_smoothing", "max_steps", "amp", "channels_last", "compile", "fused", "fold_bn",
-                 "eval_batch_size")
-_DATA_FIELDS = ("dataset", "data_dir", "download", "subset", "test_subset", "resize", "crop_padding", "flip",
-                "normalize")
+                 "milestones", "gamma", "label_smoothing", "max_steps", "amp", "channels_last", "compile", "fused",
+                 "fold_bn", "eval_batch_size")
+_DATA_FIELDS = ("dataset", "data_dir", "download", "verify", "subset", "test_subset", "resize", "crop_padding",
+                "flip", "normalize", "whiten", "test_dir", "test_fraction", "skip_bad_images")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -375,6 +415,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.device = args.device
 
     result = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    if result.skipped:
+        names = ", ".join(f for f, _ in result.skipped[:5]) + (" ..." if len(result.skipped) > 5 else "")
+        print(f"nin: warning: skipped {len(result.skipped)} undecodable image(s): {names} "
+              f"(listed in {result.run_dir / 'config.json'})", file=sys.stderr)
     if not result.history:
         print(f"stopped before the end of the first epoch; checkpoint: {result.checkpoint}")
         return 0
@@ -384,7 +428,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from nin.data import load_split
+    from nin.datasets import load_splits
     from nin.loader import DeviceLoader
     from nin.plots import plot_confusion
     from nin.run import load_trained
@@ -392,9 +436,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     t = load_trained(args.checkpoint, args.device)
     model, path, name, dataset, classes = t.model, t.path, t.name, t.dataset, t.classes
-    images, labels = load_split(dataset, "test", args.data_dir)
+    data = t.config.data
+    if args.data_dir:
+        data.data_dir = args.data_dir
+    test = load_splits(data, channels=model.input_size[0], size=t.size, seed=t.config.seed, splits=("test",))[0]["test"]
+    images, labels = test.images, test.labels
     device = next(model.parameters()).device
-    loader = DeviceLoader(images.to(device), labels.to(device), args.batch_size, size=t.size, mean=t.mean, std=t.std)
+    loader = DeviceLoader(images.to(device), labels.to(device), args.batch_size, size=t.size, mean=t.mean, std=t.std,
+                          whiten=t.whitening)
     preds, truth = predict(model, loader)
     k = len(classes)
     cm = confusion_matrix(preds, truth, k)
@@ -459,8 +508,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"models": cmd_models, "shapes": cmd_shapes, "profile": cmd_profile, "train": cmd_train,
-            "evaluate": cmd_evaluate, "bench": cmd_bench}
+COMMANDS = {"models": cmd_models, "datasets": cmd_datasets, "shapes": cmd_shapes, "profile": cmd_profile,
+            "train": cmd_train, "evaluate": cmd_evaluate, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

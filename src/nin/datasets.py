@@ -1,0 +1,153 @@
+"""Every data set ``nin`` trains on, behind one name: what a run's ``--dataset`` may be.
+
+* ``fashion-mnist``, ``mnist``: IDX files (:mod:`nin.data`), 1x28x28, 10 classes;
+* ``cifar10``, ``cifar100``: the official python archives (:mod:`nin.cifar`), 3x32x32;
+* ``folder:PATH``: your own images, one sub-folder per class (:mod:`nin.folder`), decoded
+  to the model's channels and input size; the test split is ``--test-dir`` (same
+  class sub-folders) or a seeded, stratified ``--test-fraction`` of PATH.
+
+:class:`DataConfig` holds a run's data settings; :func:`load_splits` turns it into
+a train and a test :class:`~nin.data.Split` of uint8 images ``[N, C, H, W]``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from nin import cifar, data
+from nin.data import DataError, Split
+
+FOLDER_PREFIX = "folder:"
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"  # a name from NAMES, or folder:PATH
+    data_dir: str | None = None
+    download: bool = True
+    verify: bool = True  # check files against their published checksums
+    subset: int | None = None  # train on a seeded random subset of this many images
+    test_subset: int | None = None
+    resize: int | None = None  # None: the model's own input size
+    normalize: bool = True  # by the training set's mean and std; False: 0-1 scale only
+    whiten: bool = False  # the paper's global contrast normalization and ZCA whitening (instead of normalize)
+    crop_padding: int = 0
+    flip: bool = True
+    test_dir: str | None = None  # folder data sets: a separate test folder
+    test_fraction: float = 0.2  # folder data sets without test_dir: the seeded share held out for testing
+    skip_bad_images: bool = False  # folder data sets: leave undecodable files out (listed) instead of failing
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    image_shape: tuple[int, int, int] | None  # None: set by the model (image folders)
+    num_classes: int | None
+    source: str
+
+
+NAMES: dict[str, DatasetInfo] = {
+    "fashion-mnist": DatasetInfo("fashion-mnist", (1, 28, 28), 10, data.FASHION_MNIST.mirrors[0]),
+    "mnist": DatasetInfo("mnist", (1, 28, 28), 10, data.MNIST.mirrors[0]),
+    "cifar10": DatasetInfo("cifar10", (3, 32, 32), 10, cifar.CIFAR10.mirrors[0] + cifar.CIFAR10.archive),
+    "cifar100": DatasetInfo("cifar100", (3, 32, 32), 100, cifar.CIFAR100.mirrors[0] + cifar.CIFAR100.archive),
+}
+
+
+def folder_path(dataset: str) -> Path | None:
+    """PATH of ``folder:PATH``; None for a named data set."""
+    if not dataset.startswith(FOLDER_PREFIX):
+        return None
+    path = dataset[len(FOLDER_PREFIX):]
+    if not path:
+        raise DataError("folder: needs a path, e.g. --dataset folder:images/train")
+    return Path(path).expanduser()
+
+
+def check_name(dataset: str) -> None:
+    if folder_path(dataset) is None and dataset not in NAMES:
+        raise DataError(f"unknown dataset {dataset!r} (available: {', '.join(NAMES)}, or folder:PATH)")
+
+
+def image_shape(dataset: str) -> tuple[int, int, int] | None:
+    """(C, H, W) of a named data set's images; None for an image folder (it takes the model's)."""
+    check_name(dataset)
+    info = NAMES.get(dataset)
+    return info.image_shape if info else None
+
+
+def _load_named(d: DataConfig, split: str) -> Split:
+    if d.dataset in cifar.CIFAR:
+        return cifar.load(d.dataset, split, d.data_dir, d.download, d.verify)
+    return data.load(d.dataset, split, d.data_dir, d.download, d.verify)
+
+
+def _as_split(f) -> Split:
+    return Split(images=f.images, labels=f.labels, classes=f.classes, images_path=f.root, labels_path=f.root)
+
+
+def load_splits(
+    d: DataConfig, *, channels: int, size: tuple[int, int], seed: int, splits: tuple[str, ...] = ("train", "test")
+) -> tuple[dict[str, Split], list[tuple[str, str]]]:
+    """The requested splits of ``d.dataset``, and the image files that were skipped as undecodable.
+
+    Image folders are decoded to ``channels`` and ``size``; named data sets keep their own
+    shape (the caller checks it against the model).
+    """
+    root = folder_path(d.dataset)
+    if root is None:
+        check_name(d.dataset)
+        return {s: _load_named(d, s) for s in splits}, []
+    from nin.folder import load_image_folder, split_folder
+
+    on_error: Literal["fail", "skip"] = "skip" if d.skip_bad_images else "fail"
+    opts = dict(channels=channels, size=size, on_error=on_error, cache_dir=data.cache_dir("folders"))
+    train = load_image_folder(root, **opts)
+    if d.test_dir:
+        test = load_image_folder(Path(d.test_dir).expanduser(), classes=train.classes, **opts)
+    elif not 0 < d.test_fraction < 1:
+        raise DataError(f"--test-fraction must be between 0 and 1, got {d.test_fraction}")
+    else:
+        train, test = split_folder(train, d.test_fraction, seed)
+    skipped = [(os.path.join(str(f.root), p), why) for f in (train, test) for p, why in f.skipped]
+    both = {"train": _as_split(train), "test": _as_split(test)}
+    return {s: both[s] for s in splits}, list(dict.fromkeys(skipped))
+
+
+def _idx_status(spec: data.IdxDataset, data_dir: str | None) -> tuple[str, str]:
+    try:
+        found = data.find_files(spec, data_dir, download=False)
+    except DataError:
+        return "not found", "-"
+    where = sorted({str(p.parent) for p in found.values()})
+    try:
+        for name, path in found.items():
+            data.check_sha256(data.read_bytes(path), spec.sha256.get(name), path)
+    except DataError as e:
+        return ", ".join(where), f"BAD: {e}"
+    return ", ".join(where), "ok (SHA-256 of the decompressed files)"
+
+
+def _cifar_status(spec: cifar.CifarDataset, data_dir: str | None) -> tuple[str, str]:
+    path, _ = cifar.find_archive(spec, data_dir)
+    if path is None:
+        return "not found", "-"
+    try:
+        cifar.check_md5(path, spec)
+    except DataError as e:
+        return str(path), f"BAD: {e}"
+    return str(path), "ok (MD5 of the archive)"
+
+
+def status(data_dir: str | None = None) -> list[dict[str, object]]:
+    """For each named data set: shape, classes, where its files are (or 'not found') and their checksum status."""
+    rows = []
+    for name, info in NAMES.items():
+        where, check = (_cifar_status(cifar.CIFAR[name], data_dir) if name in cifar.CIFAR
+                        else _idx_status(data.DATASETS[name], data_dir))
+        rows.append({"name": name, "shape": "x".join(map(str, info.image_shape or ())), "classes": info.num_classes,
+                     "found": where, "checksum": check, "source": info.source})
+    return rows
