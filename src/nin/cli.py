@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (default: nin28 on Fashion-MNIST)")
     p.add_argument("--preset", help="recipe to start from: default (nin28, fast), d2l (the seed's recipe) or "
                                     "nin-cifar10 (the paper's CIFAR-10 network and recipe)")
+    p.add_argument("--config", metavar="FILE", help="settings from a TOML, YAML or JSON file (a run's config.json "
+                                                     "repeats that run); flags given here override it")
     p.add_argument("--model", help="registered model name (see `nin models`)")
     _add_model_options(p)
     p.add_argument("--init", choices=("xavier", "kaiming", "default"), help="weight initialization")
@@ -388,7 +390,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from nin.run import configure_runtime, preset, summary_line, train
 
     configure_runtime(args.threads)
-    cfg = preset(args.preset or "default")
+    if args.config:
+        from nin.config import load_config
+
+        cfg = load_config(args.config, args.preset)
+    else:
+        cfg = preset(args.preset or "default")
     given = {k for k, v in vars(args).items() if v is not None and v is not False}
     if args.resume:
         allowed = {"resume", "epochs", "max_steps", "device", "quiet", "threads", "command"}

@@ -12,9 +12,10 @@ import datetime as _dt
 import json
 import os
 import platform
+import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 from torch import nn
@@ -51,18 +52,53 @@ class RunConfig:
         return _from_dict(cls, d)
 
 
-def _from_dict(cls, d: dict[str, Any]):
+def _from_dict(cls, d: dict[str, Any], where: str = ""):
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and values of the wrong type."""
+    name = where or cls.__name__
     if not isinstance(d, dict):
-        raise NinError(f"expected a mapping for {cls.__name__}, got {type(d).__name__}")
+        raise NinError(f"{name}: expected a table of settings, got {type(d).__name__}")
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(d) - set(known))
     if unknown:
-        raise NinError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        raise NinError(f"unknown {name} setting(s): {', '.join(unknown)} (known: {', '.join(known)})")
+    hints = get_type_hints(cls)
     kw = {}
-    for name, value in d.items():
-        default = getattr(cls(), name)
-        kw[name] = _from_dict(type(default), value) if is_dataclass(default) else value
+    for key, value in d.items():
+        default = getattr(cls(), key)
+        path = f"{where}.{key}" if where else key
+        kw[key] = _from_dict(type(default), value, path) if is_dataclass(default) else _typed(value, hints[key], path)
     return cls(**kw)
+
+
+def _typed(value: Any, hint: Any, path: str) -> Any:
+    """``value`` if it fits type ``hint`` (ints pass as floats, lists as tuples), else a one-line NinError."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _typed(value, option, path)
+            except NinError as e:
+                errors.append(str(e))
+        raise NinError(errors[0])
+    if origin is Literal:
+        if value in args:
+            return value
+        raise NinError(f"{path} must be one of {', '.join(map(repr, args))}, got {value!r}")
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(_typed(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict and isinstance(value, dict):
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    expected = getattr(hint, "__name__", str(hint))
+    raise NinError(f"{path} must be {expected}, got {value!r}")
 
 
 #: Named recipes. ``default`` is the fast 28x28 CPU recipe; ``d2l`` is the seed's, exactly;

@@ -1,0 +1,107 @@
+"""Config files for `nin train --config`: TOML, YAML and a run's own config.json, layered on a preset and
+under command-line flags, with one-line errors for malformed files and settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nin.cli import main
+from nin.config import load_config, read_config_file
+from nin.errors import NinError
+from nin.run import RunConfig, preset
+
+TOML = """
+preset = "d2l"
+seed = 3
+
+[model]
+options = { mlp_layers = 1 }
+
+[train]
+lr = 0.04
+epochs = 20
+batch_size = 64
+milestones = [0.3, 0.6]
+"""
+
+YAML = """
+preset: d2l
+seed: 3
+model:
+  options: {mlp_layers: 1}
+train:
+  lr: 0.04
+  epochs: 20
+  batch_size: 64
+  milestones: [0.3, 0.6]
+"""
+
+
+def test_toml_and_yaml_give_the_same_config_layered_on_the_preset(tmp_path):
+    (tmp_path / "a.toml").write_text(TOML)
+    (tmp_path / "a.yaml").write_text(YAML)
+    a, b = load_config(tmp_path / "a.toml"), load_config(tmp_path / "a.yaml")
+    assert a == b
+    assert (a.seed, a.train.lr, a.train.epochs, a.train.batch_size) == (3, 0.04, 20, 64)
+    assert a.train.milestones == (0.3, 0.6) and a.model.options == {"mlp_layers": 1}
+    d2l = preset("d2l")
+    assert a.model.name == "nin_d2l" and a.data.resize == 224 and a.train.momentum == d2l.train.momentum == 0.0
+
+
+def test_every_preset_survives_the_json_round_trip():
+    for name in ("default", "d2l", "nin-cifar10"):
+        cfg = preset(name)
+        assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_a_run_repeats_from_its_config_json_and_flags_override_the_file(capsys, tmp_path, fashion_mnist):
+    (tmp_path / "c.toml").write_text('[data]\nsubset = 256\ntest_subset = 200\n[train]\nepochs = 1\nbatch_size = 64\n')
+    first = tmp_path / "first"
+    assert main(["train", "--config", str(tmp_path / "c.toml"), "--lr", "0.05", "--out", str(first), "--quiet"]) == 0
+    saved = json.loads((first / "config.json").read_text())["config"]
+    assert saved["train"]["lr"] == 0.05 and saved["data"]["subset"] == 256 and saved["train"]["batch_size"] == 64
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(first / "config.json"), "--out", str(again), "--quiet"]) == 0
+    assert json.loads((again / "config.json").read_text())["config"] == saved
+    m1, m2 = ((d / "metrics.csv").read_text().splitlines()[1].split(",")[:5] for d in (first, again))
+    assert m1 == m2  # seeded: the same run, step for step (train loss and accuracy)
+
+
+def test_another_model_in_the_file_drops_the_presets_options(tmp_path):
+    (tmp_path / "m.toml").write_text('[model]\nname = "nin28"\n')
+    cfg = load_config(tmp_path / "m.toml", "nin-cifar10")
+    assert cfg.model.name == "nin28" and cfg.model.options == {} and cfg.data.dataset == "cifar10"
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("bad.toml", "[train\nlr = 1", "not valid TOML"),
+    ("bad.yaml", "train: [1, 2", "not valid YAML"),
+    ("bad.json", "{", "not valid JSON"),
+    ("list.yaml", "- 1\n- 2\n", "expected a table"),
+    ("typo.toml", "[train]\nlearning_rate = 0.1\n", "unknown train setting(s): learning_rate"),
+    ("type.toml", '[train]\nlr = "fast"\n', "train.lr must be float, got 'fast'"),
+    ("int.toml", "[train]\nepochs = 2.5\n", "train.epochs must be int"),
+    ("lit.toml", '[train]\nschedule = "linear"\n', "train.schedule must be one of"),
+    ("preset.toml", 'preset = "fast"\n', "unknown preset 'fast'"),
+    ("config.ini", "[train]\n", "unknown config format"),
+    ("missing.toml", None, "cannot read"),
+])
+def test_malformed_config_files_are_one_line_errors_naming_the_file(capsys, tmp_path, name, text, needle):
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and needle in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # nothing was created
+
+
+def test_a_run_directorys_config_json_gives_its_config_part(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"config": {"seed": 7}, "env": {"torch": "x"}}))
+    assert read_config_file(tmp_path / "config.json") == {"seed": 7}
+    assert load_config(tmp_path / "config.json").seed == 7
+    (tmp_path / "plain.json").write_text(json.dumps({"env": {}}))  # not a run's file: env is an unknown setting
+    with pytest.raises(NinError, match="unknown RunConfig setting"):
+        load_config(tmp_path / "plain.json")
