@@ -36,9 +36,17 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from nin.data import DataError, DownloadError, Opener, Split, cache_dir, download_file, user_data_dir
+from nin.data import (
+    DataError,
+    DownloadError,
+    Opener,
+    Split,
+    cache_dir,
+    download_file,
+    save_cache_file,
+    user_data_dir,
+)
 
 CACHE_VERSION = 1
 
@@ -267,14 +275,9 @@ def _read_cache(file: Path, archive: Path, num_classes: int) -> Split | None:
 
 
 def _write_cache(file: Path, split: Split) -> None:
-    tmp = file.with_name(file.name + ".part")
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"images": split.images.contiguous(), "labels": split.labels.contiguous()}, str(tmp),
-                  metadata={"classes": json.dumps(list(split.classes)), "version": str(CACHE_VERSION)})
-        os.replace(tmp, file)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a read-only directory only costs the decoding next time
+    # A read-only cache directory only costs the decoding next time.
+    save_cache_file(file, {"images": split.images, "labels": split.labels},
+                    {"classes": json.dumps(list(split.classes)), "version": str(CACHE_VERSION)})
 
 
 def load(

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from nin.errors import NinError
 
@@ -397,6 +399,25 @@ def write_atomically(dest: Path, body: bytes) -> None:
         raise DataError(f"{dest}: cannot write: {exc.strerror or exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_cache_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bool:
+    """Write a safetensors cache file via a temporary file and :func:`os.replace` (an old or corrupt file is
+    replaced whole, never half-written). False when it cannot be written: a cache only saves time."""
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, name, metadata=metadata)
+        os.replace(tmp, path)
+        return True
+    except (OSError, SafetensorError):
+        return False
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def how_to_get(spec: IdxDataset, missing: Iterable[str], dirs: Sequence[Path]) -> str:

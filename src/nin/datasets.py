@@ -44,8 +44,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class DatasetInfo:
     name: str
-    image_shape: tuple[int, int, int] | None  # None: set by the model (image folders)
-    num_classes: int | None
+    image_shape: tuple[int, int, int]
+    num_classes: int
     source: str
 
 
@@ -148,6 +148,6 @@ def status(data_dir: str | None = None) -> list[dict[str, object]]:
     for name, info in NAMES.items():
         where, check = (_cifar_status(cifar.CIFAR[name], data_dir) if name in cifar.CIFAR
                         else _idx_status(data.DATASETS[name], data_dir))
-        rows.append({"name": name, "shape": "x".join(map(str, info.image_shape or ())), "classes": info.num_classes,
+        rows.append({"name": name, "shape": "x".join(map(str, info.image_shape)), "classes": info.num_classes,
                      "found": where, "checksum": check, "source": info.source})
     return rows

@@ -48,7 +48,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,9 +59,8 @@ import PIL
 import torch
 from PIL import Image, ImageOps
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from nin.data import DataError
+from nin.data import DataError, save_cache_file
 
 FORMAT_VERSION = 1
 CACHE_FORMAT = "nin-image-folder"
@@ -380,19 +378,7 @@ def _write_cache(path: Path, split: FolderSplit) -> None:
         "files": json.dumps(list(split.files)),
         "skipped": json.dumps([list(s) for s in split.skipped]),
     }
-    tmp: Path | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        save_file({"images": split.images, "labels": split.labels}, tmp_name, metadata=metadata)
-        os.replace(tmp, path)
-    except Exception:  # noqa: BLE001 - the cache is an optimisation: read-only or full disks are not errors
-        pass
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+    save_cache_file(path, {"images": split.images, "labels": split.labels}, metadata)
 
 
 # --------------------------------------------------------------------------
