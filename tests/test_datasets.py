@@ -100,3 +100,35 @@ def test_step_schedule_divides_the_lr_at_each_milestone_after_warm_up():
     lrs = [lr_at(cfg, s, 100) for s in range(100)]
     assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)  # linear warm-up over 10 steps
     assert lrs[49] == pytest.approx(0.1) and lrs[50] == pytest.approx(0.01) and lrs[75] == pytest.approx(0.001)
+
+
+def test_holdout_validates_on_training_images_the_same_for_every_seed(tmp_path):
+    from nin.run import RunConfig, build
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    for k in range(3):  # every image distinct, so a shared row means a shared image
+        (root / f"c{k}").mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(root / f"c{k}" / f"{i}.png")
+    seen = []
+    for seed in (0, 1):
+        cfg = RunConfig.from_dict({"seed": seed, "model": {"name": "nin28"},
+                                   "data": {"dataset": f"folder:{root}", "test_fraction": 0.2, "holdout": 6}})
+        b = build(cfg)
+        x_val, x_train = b.test_loader.images, b.train_loader.images
+        assert len(x_val) == 6 and len(x_train) == 24 - 6  # 30 images, 6 tested, 6 held out of the 24 left
+        rows_val = {bytes(r.numpy()) for r in x_val.flatten(1)}
+        assert not rows_val & {bytes(r.numpy()) for r in x_train.flatten(1)}
+        seen.append(rows_val)
+    assert seen[0] == seen[1]
+
+
+def test_holdout_larger_than_the_training_set_is_one_line(capsys, tmp_path):
+    root = make_folder(tmp_path / "imgs", per_class=4)
+    assert main(["train", "--dataset", f"folder:{root}", "--holdout", "500", "--out", str(tmp_path / "r"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--holdout must be between 1 and" in err

@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder data: leave out files that cannot be decoded (they are listed) instead of failing")
     g.add_argument("--subset", type=_positive_int, help="train on a seeded random subset of N images")
     g.add_argument("--test-subset", type=_positive_int, help="evaluate on a seeded random subset of N images")
+    g.add_argument("--holdout", type=_positive_int,
+                   help="evaluate on N training images held out (the same N for every seed) instead of the test "
+                        "split: a validation set for choosing settings")
     g.add_argument("--resize", type=_positive_int, help="input resolution (default: the model's)")
     g.add_argument("--crop-padding", type=_nonneg_int, help="random translation of up to N pixels")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips")
@@ -383,7 +386,7 @@ _TRAIN_FIELDS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_d
                  "milestones", "gamma", "label_smoothing", "max_steps", "amp", "channels_last", "compile", "fused",
                  "fold_bn", "eval_batch_size")
 _DATA_FIELDS = ("dataset", "data_dir", "download", "verify", "subset", "test_subset", "resize", "crop_padding",
-                "flip", "normalize", "whiten", "test_dir", "test_fraction", "skip_bad_images")
+                "flip", "normalize", "whiten", "test_dir", "test_fraction", "skip_bad_images", "holdout")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

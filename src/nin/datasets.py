@@ -39,6 +39,9 @@ class DataConfig:
     test_dir: str | None = None  # folder data sets: a separate test folder
     test_fraction: float = 0.2  # folder data sets without test_dir: the seeded share held out for testing
     skip_bad_images: bool = False  # folder data sets: leave undecodable files out (listed) instead of failing
+    # Hold out this many training images (a fixed draw, the same for every seed) and evaluate on them
+    # instead of the test split: a validation set for tuning, so the test set is never used to choose.
+    holdout: int | None = None
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,7 @@ class Built:
 
 
 WHITENING_FILE = "whitening.safetensors"  # in the run directory, with --whiten
+HOLDOUT_SEED = 20131216  # the validation draw of --holdout does not depend on the run's seed
 
 
 def _subset(images, labels, n: int | None, seed: int, what: str):
@@ -223,8 +224,16 @@ def build(cfg: RunConfig, *, init: bool = True) -> Built:
         init_weights(model, cfg.model.init)
     model.to(device)
 
-    x_train, y_train = _subset(train_split.images, train_split.labels, d.subset, cfg.seed, "--subset")
-    x_test, y_test = _subset(test_split.images, test_split.labels, d.test_subset, cfg.seed + 1, "--test-subset")
+    x_train, y_train = train_split.images, train_split.labels
+    x_test, y_test = test_split.images, test_split.labels
+    if d.holdout is not None:  # validation images from the training split, drawn the same way for every seed
+        if not 0 < d.holdout < len(x_train):
+            raise NinError(f"--holdout must be between 1 and {len(x_train) - 1}, got {d.holdout}")
+        idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+        x_test, y_test = x_train[idx[: d.holdout]], y_train[idx[: d.holdout]]
+        x_train, y_train = x_train[idx[d.holdout:]], y_train[idx[d.holdout:]]
+    x_train, y_train = _subset(x_train, y_train, d.subset, cfg.seed, "--subset")
+    x_test, y_test = _subset(x_test, y_test, d.test_subset, cfg.seed + 1, "--test-subset")
     c = model.input_size[0]
     if x_train.shape[1] != c:
         raise NinError(f"{cfg.model.name} expects {c}-channel input; {d.dataset} has {x_train.shape[1]} channel(s)")
