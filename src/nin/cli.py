@@ -441,7 +441,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from nin.datasets import load_splits
     from nin.loader import DeviceLoader
     from nin.plots import plot_confusion
-    from nin.run import load_trained
+    from nin.run import SPLIT_SEED, load_trained
     from nin.train import confusion_matrix, predict
 
     t = load_trained(args.checkpoint, args.device)
@@ -449,7 +449,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data = t.config.data
     if args.data_dir:
         data.data_dir = args.data_dir
-    test = load_splits(data, channels=model.input_size[0], size=t.size, seed=t.config.seed, splits=("test",))[0]["test"]
+    test = load_splits(data, channels=model.input_size[0], size=t.size, seed=SPLIT_SEED, splits=("test",))[0]["test"]
     images, labels = test.images, test.labels
     device = next(model.parameters()).device
     loader = DeviceLoader(images.to(device), labels.to(device), args.batch_size, size=t.size, mean=t.mean, std=t.std,

@@ -37,7 +37,7 @@ class DataConfig:
     crop_padding: int = 0
     flip: bool = True
     test_dir: str | None = None  # folder data sets: a separate test folder
-    test_fraction: float = 0.2  # folder data sets without test_dir: the seeded share held out for testing
+    test_fraction: float = 0.2  # folder data sets without test_dir: the share held out for testing (a fixed draw)
     skip_bad_images: bool = False  # folder data sets: leave undecodable files out (listed) instead of failing
     # Hold out this many training images (a fixed draw, the same for every seed) and evaluate on them
     # instead of the test split: a validation set for tuning, so the test set is never used to choose.

@@ -178,7 +178,9 @@ class Built:
 
 
 WHITENING_FILE = "whitening.safetensors"  # in the run directory, with --whiten
-HOLDOUT_SEED = 20131216  # the validation draw of --holdout does not depend on the run's seed
+# Held-out splits (a folder's test share, --holdout's validation images) are drawn with this seed,
+# not the run's, so runs that differ only in seed are scored on the same images.
+SPLIT_SEED = 20131216
 
 
 def _subset(images, labels, n: int | None, seed: int, what: str):
@@ -210,7 +212,7 @@ def build(cfg: RunConfig, *, init: bool = True) -> Built:
         options.setdefault("in_channels", shape[0])
     channels = options.get("in_channels", entry.input_size[0])
     size = tuple(options.get("input_size", entry.input_size[1:]))
-    splits, skipped = load_splits(d, channels=channels, size=size, seed=cfg.seed)
+    splits, skipped = load_splits(d, channels=channels, size=size, seed=SPLIT_SEED)
     train_split, test_split = splits["train"], splits["test"]
     classes = train_split.classes
     options.setdefault("num_classes", len(classes))
@@ -229,7 +231,7 @@ def build(cfg: RunConfig, *, init: bool = True) -> Built:
     if d.holdout is not None:  # validation images from the training split, drawn the same way for every seed
         if not 0 < d.holdout < len(x_train):
             raise NinError(f"--holdout must be between 1 and {len(x_train) - 1}, got {d.holdout}")
-        idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+        idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(SPLIT_SEED))
         x_test, y_test = x_train[idx[: d.holdout]], y_train[idx[: d.holdout]]
         x_train, y_train = x_train[idx[d.holdout:]], y_train[idx[d.holdout:]]
     x_train, y_train = _subset(x_train, y_train, d.subset, cfg.seed, "--subset")
