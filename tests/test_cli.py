@@ -271,3 +271,26 @@ def test_an_unwritable_run_directory_is_one_line(capsys, tmp_path):
     code, _, err = run(capsys, "train", "--out", str(blocker / "run"))
     assert_one_line_error(code, err, "cannot write the run directory")
     assert blocker.read_text() == "keep me"
+
+
+def test_on_diverge_rollback_logs_each_rollback_then_stops_with_one_line(capsys, tmp_path, fashion_mnist):
+    # lr 1000 without BatchNorm: the loss is NaN within a few steps, every time
+    run = tmp_path / "run"
+    argv = ["train", "--no-batch-norm", "--lr", "1000", "--schedule", "constant", "--subset", "256",
+            "--test-subset", "64", "--batch-size", "32", "--epochs", "1", "--threads", "1", "--out", str(run), "--quiet",
+            "--on-diverge", "rollback", "--max-rollbacks", "2", "--rollback-factor", "0.5"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("nin: error:") == 1 and "after 2 rollback(s) (lr scale 0.25)" in err
+    assert err.count("diverged: loss nan at step") == 2 and "rolled back to step 0" in err
+    log = [json.loads(line) for line in (run / "rollbacks.jsonl").read_text().splitlines()]
+    assert [e["lr_scale"] for e in log] == [0.5, 0.25] and all(e["loss"] == "nan" for e in log)
+    assert (run / "config.json").exists()  # the run directory and its settings are kept
+
+
+def test_on_diverge_flags_are_checked(capsys, tmp_path):
+    assert main(["train", "--on-diverge", "retry", "--out", str(tmp_path / "r")]) == 2
+    assert "invalid choice: 'retry'" in capsys.readouterr().err
+    assert main(["train", "--rollback-factor", "2", "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rollback factor must be in (0, 1)" in err

@@ -62,7 +62,8 @@ def test_onecycle_starts_at_a_tenth():
     "field,value",
     [("epochs", 0), ("batch_size", 0), ("lr", -1.0), ("lr", float("nan")), ("momentum", 1.0),
      ("weight_decay", -1e-4), ("schedule", "linear"), ("milestones", (0.9, 0.2)), ("milestones", (0.5, 1.0)),
-     ("gamma", 0.0), ("warmup", 1.0), ("label_smoothing", 1.0), ("amp", "fp8"), ("max_steps", 0), ("check_every", 0)],
+     ("gamma", 0.0), ("warmup", 1.0), ("label_smoothing", 1.0), ("amp", "fp8"), ("max_steps", 0), ("check_every", 0),
+     ("on_diverge", "retry"), ("rollback_factor", 1.0), ("rollback_factor", 0.0), ("max_rollbacks", 0)],
 )
 def test_bad_config_values_are_user_errors(field, value):
     cfg = TrainConfig(**{field: value})
@@ -164,6 +165,58 @@ def test_non_finite_loss_is_found_when_checked_rarely():
     cfg = TrainConfig(**FAST, check_every=5)
     with pytest.raises(Diverged, match="at step 3 "):
         Trainer(NaNAt(small_model(), at=3), cfg, train, test).fit()
+
+
+class AlwaysNaN(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x) * float("nan")
+
+
+class Rollbacks(Callback):
+    def __init__(self):
+        self.events = []
+
+    def on_rollback(self, trainer, event):
+        self.events.append(event)
+
+
+def test_rollback_redoes_the_epoch_at_a_lower_lr_exactly_like_a_run_started_there():
+    aug = Augment(crop_padding=2, flip=True)  # random augmentation and dropout: the RNG must be restored too
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05, schedule="constant", channels_last=False)
+
+    train, test = loaders(size=16, augment=aug)
+    clean = dropout_model()
+    Trainer(clean, TrainConfig(**{**cfg.__dict__, "lr": 0.025}), train, test).fit()
+
+    train, test = loaders(size=16, augment=aug)
+    model = dropout_model()
+    seen = Rollbacks()
+    rolled = TrainConfig(**{**cfg.__dict__, "on_diverge": "rollback", "rollback_factor": 0.5})
+    trainer = Trainer(NaNAt(model, at=11), rolled, train, test, [seen])
+    history = trainer.fit()
+
+    assert [e["step"] for e in seen.events] == [11] and seen.events[0]["resumed_at_step"] == 0
+    assert trainer.lr_scale == 0.5 and trainer.rollbacks == seen.events
+    assert [h["lr"] for h in history] == [0.025, 0.025] and [h["step"] for h in history] == [16, 32]
+    for (k, a), b in zip(clean.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
+    state = trainer.state_dict()  # a checkpoint keeps the lowered lr and the log
+    again = Trainer(dropout_model(), cfg, *loaders(size=16))
+    again.load_state_dict(state)
+    assert again.lr_scale == 0.5 and again.rollbacks == seen.events
+
+
+def test_rollback_gives_up_after_max_rollbacks():
+    train, test = loaders()
+    cfg = TrainConfig(**FAST, on_diverge="rollback", max_rollbacks=2, rollback_factor=0.1)
+    trainer = Trainer(AlwaysNaN(small_model()), cfg, train, test)
+    with pytest.raises(Diverged, match=r"at step 1 \(epoch 1\) after 2 rollback\(s\) \(lr scale 0.01\)"):
+        trainer.fit()
+    assert [e["lr_scale"] for e in trainer.rollbacks] == [pytest.approx(0.1), pytest.approx(0.01)]
 
 
 def test_max_steps_stops_inside_an_epoch():

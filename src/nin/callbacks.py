@@ -1,4 +1,4 @@
-"""Trainer callbacks: progress bar, epoch lines, metric files, curve plots, checkpoints.
+"""Trainer callbacks: progress bar, epoch lines, metric and rollback files, curve plots, checkpoints.
 
 In a distributed run only the main process (rank 0) writes anything.
 """
@@ -40,6 +40,11 @@ def format_metrics(m: dict[str, float], epochs: int) -> str:
     return "  ".join(parts)
 
 
+def format_rollback(e: dict[str, float]) -> str:
+    return (f"diverged: loss {e['loss']} at step {e['step']} (epoch {e['epoch']}); rolled back to step "
+            f"{e['resumed_at_step']}, learning rate now x{e['lr_scale']:g}")
+
+
 class ProgressBar(Callback):
     """A tqdm bar per epoch with ETA and the running loss, and one line per finished epoch."""
 
@@ -67,6 +72,9 @@ class ProgressBar(Callback):
         self._close()
         if self.print_epochs and is_main_process():
             tqdm.write(format_metrics(metrics, trainer.config.epochs), file=self.file or sys.stdout)
+
+    def on_rollback(self, trainer: Trainer, event: dict[str, float]) -> None:
+        self._close()  # the epoch starts again: a fresh bar
 
     def on_fit_end(self, trainer: Trainer) -> None:
         self._close()
@@ -98,6 +106,19 @@ class MetricsWriter(Callback):
         w.writerows(trainer.history)
         _write_atomic(self.run_dir / "metrics.csv", buf.getvalue())
         _write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in trainer.history))
+
+
+class RollbackLog(Callback):
+    """Each rollback (``--on-diverge rollback``): a line on stderr, even with --quiet, and ``rollbacks.jsonl``."""
+
+    def __init__(self, run_dir: str | os.PathLike, file=None) -> None:
+        self.run_dir, self.file = Path(run_dir), file
+
+    def on_rollback(self, trainer: Trainer, event: dict[str, float]) -> None:
+        if not is_main_process():
+            return
+        tqdm.write(format_rollback(event), file=self.file or sys.stderr)
+        _write_atomic(self.run_dir / "rollbacks.jsonl", "".join(json.dumps(e) + "\n" for e in trainer.rollbacks))
 
 
 class CurvePlotter(Callback):

@@ -208,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gamma", type=_float, help="step schedule: factor applied at each milestone (default 0.1)")
     g.add_argument("--label-smoothing", type=_float)
     g.add_argument("--max-steps", type=_positive_int, help="stop after N optimizer steps (smoke runs)")
+    g.add_argument("--on-diverge", choices=("stop", "rollback"),
+                   help="a NaN/inf loss: stop (default), or roll back to the epoch's start with a lower lr")
+    g.add_argument("--rollback-factor", type=_float, help="rollback: multiply the lr by this (default 0.5)")
+    g.add_argument("--max-rollbacks", type=_positive_int, help="rollback: give up after N (default 3)")
     g = p.add_argument_group("speed")
     _add_speed_options(g)
     g.add_argument("--eval-batch-size", type=_positive_int)
@@ -384,7 +388,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 _TRAIN_FIELDS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup",
                  "milestones", "gamma", "label_smoothing", "max_steps", "amp", "channels_last", "compile", "fused",
-                 "fold_bn", "eval_batch_size")
+                 "fold_bn", "eval_batch_size", "on_diverge", "rollback_factor", "max_rollbacks")
 _DATA_FIELDS = ("dataset", "data_dir", "download", "verify", "subset", "test_subset", "resize", "crop_padding",
                 "flip", "normalize", "whiten", "test_dir", "test_fraction", "skip_bad_images", "holdout")
 
@@ -433,6 +437,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"stopped before the end of the first epoch; checkpoint: {result.checkpoint}")
         return 0
     print(summary_line(result.history, result.trainer.device))
+    if result.trainer.rollbacks:
+        n, scale = len(result.trainer.rollbacks), result.trainer.lr_scale
+        print(f"rolled back {n} time(s) after a non-finite loss; the learning rate ended x{scale:g} "
+              f"(log: {result.run_dir / 'rollbacks.jsonl'})")
     print(f"run directory: {result.run_dir}  (checkpoint: {result.checkpoint})")
     return 0
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from nin import checkpoint as ckpt
-from nin.callbacks import Checkpointer, CurvePlotter, MetricsWriter, ProgressBar
+from nin.callbacks import Checkpointer, CurvePlotter, MetricsWriter, ProgressBar, RollbackLog
 from nin.datasets import DataConfig, image_shape, load_splits
 from nin.errors import NinError
 from nin.loader import Augment, DeviceLoader, channel_stats
@@ -365,7 +365,8 @@ def train(
 
     checkpointer = Checkpointer(run_dir, built.meta)
     cbs: list[Callback] = [ProgressBar(print_epochs=progress)] if progress else []
-    cbs += [MetricsWriter(run_dir), CurvePlotter(run_dir, title=cfg.model.name), checkpointer, *(callbacks or [])]
+    cbs += [MetricsWriter(run_dir), RollbackLog(run_dir), CurvePlotter(run_dir, title=cfg.model.name), checkpointer,
+            *(callbacks or [])]
     trainer = Trainer(built.model, cfg.train, built.train_loader, built.test_loader, cbs)
     if state is not None:
         trainer.load_state_dict(state)
@@ -374,7 +375,7 @@ def train(
     except Diverged as e:
         last = checkpointer.last_path
         where = f"; last good checkpoint: {last}" if last else "; no checkpoint was saved yet"
-        raise Diverged(e.step, e.epoch, e.loss, note=where) from None
+        raise Diverged(e.step, e.epoch, e.loss, note=e.note + where) from None
     return Result(history, run_dir, checkpointer.last_path, trainer, built.skipped)
 
 

@@ -10,6 +10,7 @@ exactly where it stopped.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Iterable
@@ -51,6 +52,11 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (smoke runs); the schedule still spans all epochs
     eval_batch_size: int = 1000
     check_every: int | None = None  # steps between loss finiteness checks; None: 1 on CPU, 50 on GPU (each syncs)
+    # A non-finite loss: "stop" raises Diverged; "rollback" restores the state at the start of the epoch,
+    # multiplies the learning rate by rollback_factor from then on, and redoes the epoch (at most max_rollbacks).
+    on_diverge: Literal["stop", "rollback"] = "stop"
+    rollback_factor: float = 0.5
+    max_rollbacks: int = 3
 
     def validate(self) -> None:
         def bad(msg: str) -> None:
@@ -84,6 +90,12 @@ class TrainConfig:
             bad(f"max steps must be at least 1, got {self.max_steps}")
         if self.check_every is not None and self.check_every < 1:
             bad(f"check_every must be at least 1, got {self.check_every}")
+        if self.on_diverge not in ("stop", "rollback"):
+            bad(f"unknown on_diverge {self.on_diverge!r}; choose stop or rollback")
+        if not 0 < self.rollback_factor < 1:
+            bad(f"rollback factor must be in (0, 1), got {self.rollback_factor}")
+        if self.max_rollbacks < 1:
+            bad(f"max rollbacks must be at least 1, got {self.max_rollbacks}")
 
     def resolved(self, device: torch.device) -> TrainConfig:
         """A copy with the automatic speed settings made concrete for ``device``."""
@@ -133,7 +145,7 @@ class Diverged(NinError):
     """The training loss became NaN or infinite."""
 
     def __init__(self, step: int, epoch: int, loss: float, note: str = "") -> None:
-        self.step, self.epoch, self.loss = step, epoch, loss
+        self.step, self.epoch, self.loss, self.note = step, epoch, loss, note
         super().__init__(f"training diverged: loss is {loss} at step {step} (epoch {epoch + 1}){note}")
 
 
@@ -145,6 +157,9 @@ class Callback:
     def on_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None: ...
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+
+    def on_rollback(self, trainer: Trainer, event: dict[str, float]) -> None:
+        """The loss diverged and the trainer went back to the start of the epoch (``--on-diverge rollback``)."""
 
     def on_fit_end(self, trainer: Trainer) -> None: ...
 
@@ -192,6 +207,8 @@ class Trainer:
         )
         self.pos = _Position()
         self.history: list[dict[str, float]] = []
+        self.lr_scale = 1.0  # lowered by each rollback; multiplies the schedule's lr
+        self.rollbacks: list[dict[str, float]] = []  # one event per rollback: where it diverged, the new scale
         self.start_time = 0.0  # set by fit(): when wall_time would have been zero
 
     # ----------------------------------------------------------------- state
@@ -229,12 +246,16 @@ class Trainer:
             "rng": rng,
             "history": self.history,
             "config": asdict(self.config),
+            "lr_scale": self.lr_scale,
+            "rollbacks": self.rollbacks,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.pos = _Position(**state["position"])
         self.history = list(state["history"])
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.rollbacks = list(state.get("rollbacks", []))
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -249,7 +270,14 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_fit_start(self)
         while self.pos.epoch < cfg.epochs and not self._out_of_steps():
-            finished = self._train_epoch()
+            snapshot = self._snapshot() if cfg.on_diverge == "rollback" else None
+            try:
+                finished = self._train_epoch()
+            except Diverged as e:
+                if snapshot is None:
+                    raise
+                self._roll_back(snapshot, e)
+                continue
             if not finished:
                 break
             metrics = self._end_epoch()
@@ -258,6 +286,32 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_fit_end(self)
         return self.history
+
+    def _snapshot(self) -> dict[str, Any]:
+        """A copy of everything an epoch changes: weights and buffers, optimizer, position, RNG."""
+        state = self.state_dict()
+        return copy.deepcopy({"model": self.model.state_dict(), "optimizer": state["optimizer"],
+                              "position": state["position"], "rng": state["rng"]})
+
+    def _roll_back(self, snapshot: dict[str, Any], e: Diverged) -> None:
+        """Restore ``snapshot`` and lower the learning rate, or re-raise once the rollbacks are spent."""
+        cfg = self.config
+        if len(self.rollbacks) >= cfg.max_rollbacks:
+            raise Diverged(e.step, e.epoch, e.loss, note=f" after {len(self.rollbacks)} rollback(s) "
+                                                         f"(lr scale {self.lr_scale:g})") from None
+        self.model.load_state_dict(snapshot["model"])
+        self.optimizer.load_state_dict(snapshot["optimizer"])
+        self.pos = _Position(**copy.deepcopy(snapshot["position"]))
+        torch.set_rng_state(snapshot["rng"]["cpu"])
+        if "cuda" in snapshot["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(snapshot["rng"]["cuda"])
+        self.lr_scale *= cfg.rollback_factor
+        loss = e.loss if math.isfinite(e.loss) else str(e.loss)  # "nan"/"inf": the log stays strict JSON
+        event = {"step": e.step, "epoch": e.epoch + 1, "loss": loss, "resumed_at_step": self.pos.step,
+                 "lr_scale": self.lr_scale, "wall_time": time.perf_counter() - self.start_time}
+        self.rollbacks.append(event)
+        for cb in self.callbacks:
+            cb.on_rollback(self, event)
 
     def _out_of_steps(self) -> bool:
         return self.config.max_steps is not None and self.pos.step >= self.config.max_steps
@@ -278,7 +332,7 @@ class Trainer:
         t0 = time.perf_counter()
         total = self.total_steps
         for x, y in loader.iterate(start=pos.batch):
-            lr = lr_at(cfg, pos.step, total)
+            lr = lr_at(cfg, pos.step, total) * self.lr_scale
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             with self.autocast():
