@@ -324,7 +324,7 @@ def test_unknown_override_raises_nin_error_naming_it(name):
 
 def test_overrides_constant_lists_what_create_model_accepts():
     assert set(OVERRIDES) == {"num_classes", "in_channels", "input_size", "mlp_layers", "width", "head_width",
-                              "batch_norm", "dropout"}
+                              "batch_norm", "dropout", "head"}
     for name in NAMES:
         assert model_entry(name).options == OVERRIDES
 
@@ -519,3 +519,24 @@ def test_forward_is_head_of_features_and_logits_are_map_means(name):
         assert maps.dim() == 4 and maps.shape[:2] == (2, model.num_classes)
         assert torch.equal(model.forward_head(maps), logits)
         assert torch.allclose(logits, maps.mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,maps", [("nin_d2l", 5 * 5), ("nin_cifar10", 8 * 8), ("nin28", 7 * 7)])
+def test_fc_head_replaces_average_pooling_with_one_linear_layer_over_the_class_maps(name, maps):
+    gap, fc = create_model(name), create_model(name, head="fc")
+    assert [n for n, _ in fc.head.named_children()] == ["flatten", "fc"]
+    assert fc.head.fc.in_features == 10 * maps and fc.head.fc.out_features == 10
+    extra = sum(p.numel() for p in fc.parameters()) - sum(p.numel() for p in gap.parameters())
+    assert extra == 10 * maps * 10 + 10
+    with torch.no_grad():
+        assert fc.eval()(random_input(fc, 2)).shape == (2, 10)
+    other = create_model(name, head="fc", input_size=(2 * fc.input_size[1], 2 * fc.input_size[2]))
+    with torch.no_grad():  # the fc size follows the input size, computed when the model is built
+        assert other.eval()(torch.randn(1, *other.input_size)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("options,needle", [({"head": "mlp"}, "head must be 'gap' or 'fc'"),
+                                            ({"input_size": (40, 40)}, "too small")])
+def test_bad_head_or_too_small_input_is_a_user_error(options, needle):
+    with pytest.raises(NinError, match=needle):
+        create_model("nin_d2l", **options)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from nin.errors import NinError
-from nin.models import CLASSES, Dropout, Pool, Width, _check_overrides, check_input_size
+from nin.models import CLASSES, Dropout, Pool, Width, _check_overrides, check_input_size, conv_out_size
 from nin.registry import register_model
 
 
@@ -47,11 +47,6 @@ class Dense:
 
 
 Stage = Conv | Pool | Dropout | Dense
-
-
-def _out(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool = False) -> int:
-    span = size + 2 * padding - kernel
-    return (-(-span // stride) if ceil_mode else span // stride) + 1
 
 
 class ConvNet(nn.Module):
@@ -94,11 +89,11 @@ class ConvNet(nn.Module):
                 layers += [nn.BatchNorm2d(cout)] if batch_norm else []
                 name, module = "conv", nn.Sequential(*layers, act())
                 c = cout
-                h, w = (_out(s, stage.kernel, stage.stride, stage.padding) for s in (h, w))
+                h, w = (conv_out_size(s, stage.kernel, stage.stride, stage.padding) for s in (h, w))
             elif isinstance(stage, Pool):
                 cls = nn.MaxPool2d if stage.kind == "max" else nn.AvgPool2d
                 name, module = "pool", cls(stage.kernel, stage.stride, stage.padding, ceil_mode=stage.ceil_mode)
-                h, w = (_out(s, stage.kernel, stage.stride, stage.padding, stage.ceil_mode) for s in (h, w))
+                h, w = (conv_out_size(s, stage.kernel, stage.stride, stage.padding, stage.ceil_mode) for s in (h, w))
             elif isinstance(stage, Dropout):
                 name, module = "drop", nn.Dropout(stage.p if dropout is None else dropout)
             else:

@@ -80,6 +80,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="NiN: width of the classifier block's convs before the last (a gradual reduction)")
     g.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, help="BatchNorm after each conv")
     g.add_argument("--dropout", type=_float, help="drop probability of every dropout stage")
+    g.add_argument("--head", choices=("gap", "fc"),
+                   help="NiN: global average pooling (default) or a fully connected layer over the class maps")
 
 
 def _add_speed_options(g) -> None:
@@ -94,7 +96,7 @@ def _add_speed_options(g) -> None:
 
 
 def _model_options(args: argparse.Namespace) -> dict:
-    keys = ("num_classes", "in_channels", "mlp_layers", "width", "head_width", "batch_norm", "dropout")
+    keys = ("num_classes", "in_channels", "mlp_layers", "width", "head_width", "batch_norm", "dropout", "head")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -107,7 +109,9 @@ def _option_value(s: str):
             return cast(s)
         except ValueError:
             pass
-    raise NinError(f"option value {s!r} is not a number, true or false")
+    if s.isidentifier():  # a word, e.g. head=fc; the model checks it
+        return s
+    raise NinError(f"option value {s!r} is not a number, true, false or a word")
 
 
 def parse_model_ref(ref: str) -> tuple[str, dict]:

@@ -7,7 +7,8 @@ A NiN is a stack of *mlpconv blocks* (one spatial convolution followed by 1x1
 convolutions, each with a ReLU: a small MLP slid over every pixel), pooling and
 dropout stages, and a global-average-pooling head in place of fully connected
 layers: the last block has one channel per class and the head averages each
-channel to one logit.
+channel to one logit. (``head="fc"`` swaps in a fully connected layer over the
+class maps, the paper's comparison.)
 
 Architectures are data: a spec is a tuple of stages (:class:`Block`,
 :class:`Pool`, :class:`Dropout`); :class:`NiN` builds a module from a spec,
@@ -162,13 +163,17 @@ class NiN(nn.Module):
         head_width: int | None = None,
         batch_norm: bool = False,
         dropout: float | None = None,
+        head: Literal["gap", "fc"] = "gap",
     ) -> None:
         super().__init__()
         _check_overrides(num_classes, in_channels, mlp_layers, width, dropout)
+        if head not in ("gap", "fc"):
+            raise NinError(f"head must be 'gap' or 'fc', got {head!r}")
         input_size = check_input_size(input_size)
         stages: OrderedDict[str, nn.Module] = OrderedDict()
         counts = {"block": 0, "pool": 0, "drop": 0}
         cin = in_channels
+        h, w = input_size  # tracked for the fc head's input size
         last_block = max(i for i, s in enumerate(spec) if isinstance(s, Block))
         for i, stage in enumerate(spec):
             if isinstance(stage, Block):
@@ -179,17 +184,25 @@ class NiN(nn.Module):
                     cin, widths, stage.kernel, stage.stride, stage.padding, batch_norm, stage.relu_last
                 )
                 cin, kind = widths[-1], "block"
+                h, w = (conv_out_size(v, stage.kernel, stage.stride, stage.padding) for v in (h, w))
             elif isinstance(stage, Pool):
                 cls = nn.MaxPool2d if stage.kind == "max" else nn.AvgPool2d
                 module, kind = cls(stage.kernel, stage.stride, stage.padding, ceil_mode=stage.ceil_mode), "pool"
+                h, w = (conv_out_size(v, stage.kernel, stage.stride, stage.padding, stage.ceil_mode) for v in (h, w))
             else:
                 module, kind = nn.Dropout(stage.p if dropout is None else dropout), "drop"
             counts[kind] += 1
             stages[f"{kind}{counts[kind]}"] = module
         if cin != num_classes:
             raise ValueError(f"the last block has {cin} channels, expected one per class ({num_classes})")
+        if h < 1 or w < 1:
+            raise NinError(f"input {input_size[0]}x{input_size[1]} is too small for this network (its maps shrink "
+                           "to nothing)")
         self.features = nn.Sequential(stages)
-        self.head = nn.Sequential(OrderedDict(gap=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten()))
+        if head == "gap":  # NiN's head: each class map averaged to one logit, no parameters
+            self.head = nn.Sequential(OrderedDict(gap=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten()))
+        else:  # the paper's comparison: the class maps flattened into a fully connected layer
+            self.head = nn.Sequential(OrderedDict(flatten=nn.Flatten(), fc=nn.Linear(cin * h * w, num_classes)))
         self.num_classes = num_classes
         self.input_size = (in_channels, *input_size)
 
@@ -197,7 +210,7 @@ class NiN(nn.Module):
         return self.features(x)  # (N, C, H, W) -> (N, classes, h, w): one evidence map per class
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x)  # (N, classes, h, w) -> (N, classes): the mean of each map
+        return self.head(x)  # (N, classes, h, w) -> (N, classes): the mean of each map (fc: a linear map of all)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(x)  # (N, classes, h, w)
@@ -216,6 +229,15 @@ def _head_widths(widths: tuple[int, ...], head_width: int) -> tuple[int, ...]:
     if len(widths) < 2:
         raise NinError("head_width needs a 1x1 conv in the classifier block (mlp_layers of at least 1)")
     return (head_width,) * (len(widths) - 1) + widths[-1:]
+
+
+def conv_out_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool = False) -> int:
+    """Output length of a convolution or pooling window over ``size`` (PyTorch's rule, ceil_mode included)."""
+    span = size + 2 * padding - kernel
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:  # a last window starting in the padding is dropped
+        out -= 1
+    return out
 
 
 def check_input_size(size) -> tuple[int, int]:
@@ -276,7 +298,7 @@ def init_weights(model: nn.Module, scheme: Literal["xavier", "kaiming", "default
 
 #: The overrides every registered NiN accepts.
 OVERRIDES = ("num_classes", "in_channels", "input_size", "mlp_layers", "width", "head_width", "batch_norm",
-             "dropout")
+             "dropout", "head")
 
 
 def _build(spec: tuple[Stage, ...], default_input: tuple[int, int, int], batch_norm: bool = False, **kw) -> NiN:
