@@ -17,6 +17,7 @@ from nin.models import (
     OVERRIDES,
     Block,
     Dropout,
+    Pool,
     Registry,
     create_model,
     init_weights,
@@ -288,9 +289,10 @@ def test_batch_norm_override_toggles_batch_norm(name, batch_norm):
 @pytest.mark.parametrize("name", NAMES)
 def test_dropout_override_sets_every_dropout(name):
     n_drop = sum(isinstance(s, Dropout) for s in models.SPECS[name])
+    n_pool = sum(isinstance(s, Pool) for s in models.SPECS[name])
     model = create_model(name, dropout=0.2)
     drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
-    assert len(drops) == n_drop
+    assert len(drops) == (n_drop or n_pool)  # a spec without dropout gets one after each pooling stage
     assert all(d.p == 0.2 for d in drops)
     defaults = [m.p for m in create_model(name).modules() if isinstance(m, nn.Dropout)]
     assert defaults == [s.p for s in models.SPECS[name] if isinstance(s, Dropout)]
@@ -540,3 +542,13 @@ def test_fc_head_replaces_average_pooling_with_one_linear_layer_over_the_class_m
 def test_bad_head_or_too_small_input_is_a_user_error(options, needle):
     with pytest.raises(NinError, match=needle):
         create_model("nin_d2l", **options)
+
+
+def test_dropout_on_a_nin_without_dropout_stages_adds_one_after_each_pooling_stage():
+    plain, dropped = create_model("nin28"), create_model("nin28", dropout=0.3)
+    names = [n for n, _ in dropped.features.named_children()]
+    assert names == ["block1", "pool1", "drop1", "block2", "pool2", "drop2", "block3"]
+    assert [m.p for m in dropped.modules() if isinstance(m, nn.Dropout)] == [0.3, 0.3]
+    assert not any(isinstance(m, nn.Dropout) for m in plain.modules())
+    assert not any(isinstance(m, nn.Dropout) for m in create_model("nin28", dropout=0.0).modules())
+    assert [m.p for m in create_model("nin_d2l", dropout=0.3).modules() if isinstance(m, nn.Dropout)] == [0.3]

@@ -1,4 +1,4 @@
-"""The ``nin`` command: models, datasets, shapes, profile, train, evaluate, bench.
+"""The ``nin`` command: models, datasets, shapes, profile, train, evaluate, bench, tune.
 
 User errors (bad flags, missing or corrupt files) print one line,
 ``nin: error: ...``, and exit with status 2; nothing prints a traceback for them.
@@ -79,7 +79,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--head-width", type=_positive_int,
                    help="NiN: width of the classifier block's convs before the last (a gradual reduction)")
     g.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, help="BatchNorm after each conv")
-    g.add_argument("--dropout", type=_float, help="drop probability of every dropout stage")
+    g.add_argument("--dropout", type=_float, help="drop probability of every dropout stage (NiN: a model without "
+                                                  "any, like nin28, gets one after each pooling stage)")
     g.add_argument("--head", choices=("gap", "fc"),
                    help="NiN: global average pooling (default) or a fully connected layer over the class maps")
 
@@ -264,6 +265,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=_positive_int, help="epochs for --time-to-accuracy (default: the preset's)")
     g.add_argument("--targets", default="0.91,0.93", help="test accuracies for --time-to-accuracy")
     p.add_argument("--json", action="store_true", help="print the results as JSON (the table goes to stderr)")
+
+    p = sub.add_parser("tune", help="hyperparameter search with Optuna, scored on held-out training images",
+                       description="Search learning rate, batch size, weight decay, schedule and epochs with "
+                                   "Optuna (seeded TPE, median pruning). Trials are scored on images held out from "
+                                   "the training split, never on the test set, and kept in an Optuna storage "
+                                   "(OUT/tune.db); the best configuration is written to OUT/best.yaml for "
+                                   "nin train --config.")
+    p.add_argument("--trials", type=_positive_int, default=20, help="trials to add, over all workers (default 20)")
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="worker processes on this machine sharing the study and the cores (default 1)")
+    p.add_argument("--preset", help="recipe the trials start from (default: the config file's, else default)")
+    p.add_argument("--config", metavar="FILE", help="base settings from a TOML, YAML or JSON file (over --preset)")
+    p.add_argument("--model", help="registered model name (see `nin models`)")
+    p.add_argument("--dataset", "--data", dest="dataset", help="as for nin train (default: the preset's)")
+    p.add_argument("--data-dir", help="directory holding the data files (also NIN_DATA_DIR)")
+    p.add_argument("--holdout", type=_positive_int,
+                   help="validation images held out from the training split (default: 5000, at most a tenth)")
+    p.add_argument("--subset", type=_positive_int, help="train each trial on N of the remaining training images")
+    p.add_argument("--max-epochs", type=_positive_int, default=3, help="epochs are searched in 1..N (default 3)")
+    p.add_argument("--space", action="append", default=[], metavar="KEY=...",
+                   help="change the search: KEY=LOW..HIGH[:log|:linear], KEY=A,B,... or KEY=VALUE for any train "
+                        "setting (repeatable)")
+    p.add_argument("--startup-trials", type=_nonneg_int, default=5,
+                   help="random trials before TPE, and finished trials before pruning (default 5)")
+    p.add_argument("--storage", metavar="URL", help="Optuna database URL shared by workers on several machines "
+                                                     "(default: sqlite:///OUT/tune.db)")
+    p.add_argument("--study-name", default="nin-tune", help="study in the storage; continued if it exists")
+    p.add_argument("--threads", type=_positive_int, help="torch threads per worker (default: cores / workers)")
+    p.add_argument("--device", help="auto, cpu or cuda[:N] (default: the preset's)")
+    p.add_argument("--seed", type=int, help="training seed of every trial and seed of the sampler")
+    p.add_argument("--out", help="directory for tune.db, trials/ and best.yaml (default runs/tune-DATE); an "
+                                 "existing one is continued")
+    p.add_argument("--quiet", action="store_true", help="no line per finished trial")
     return parser
 
 
@@ -530,8 +564,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from nin.run import preset
+    from nin.tune import TuneConfig, parse_space, summary, tune
+
+    if args.config:
+        from nin.config import load_config
+
+        base = load_config(args.config, args.preset)
+    else:
+        base = preset(args.preset or "default")
+    if args.model:
+        if args.model != base.model.name:
+            base.model.options = {}
+        base.model.name = args.model
+    for f in ("dataset", "data_dir"):
+        if getattr(args, f) is not None:
+            setattr(base.data, f, getattr(args, f))
+    if args.seed is not None:
+        base.seed = args.seed
+    if args.device:
+        base.device = args.device
+    tc = TuneConfig(base=base, out=Path(args.out) if args.out else None, trials=args.trials, workers=args.workers,
+                    storage=args.storage, study_name=args.study_name, max_epochs=args.max_epochs,
+                    space=parse_space(args.space, args.max_epochs), holdout=args.holdout, subset=args.subset,
+                    threads=args.threads, startup_trials=args.startup_trials, quiet=args.quiet)
+    result = tune(tc)
+    print(summary(result))
+    return 0 if result.best is not None else 1
+
+
 COMMANDS = {"models": cmd_models, "datasets": cmd_datasets, "shapes": cmd_shapes, "profile": cmd_profile,
-            "train": cmd_train, "evaluate": cmd_evaluate, "bench": cmd_bench}
+            "train": cmd_train, "evaluate": cmd_evaluate, "bench": cmd_bench,
+            "tune": cmd_tune}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

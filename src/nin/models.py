@@ -174,6 +174,8 @@ class NiN(nn.Module):
         counts = {"block": 0, "pool": 0, "drop": 0}
         cin = in_channels
         h, w = input_size  # tracked for the fc head's input size
+        if dropout and not any(isinstance(st, Dropout) for st in spec):  # a spec without dropout gets it after
+            spec = tuple(x for st in spec for x in ((st, Dropout(dropout)) if isinstance(st, Pool) else (st,)))
         last_block = max(i for i, s in enumerate(spec) if isinstance(s, Block))
         for i, stage in enumerate(spec):
             if isinstance(stage, Block):
