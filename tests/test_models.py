@@ -466,6 +466,13 @@ def test_kaiming_init_is_he_normal_fan_out_with_zero_biases():
     assert checked >= 3
 
 
+def test_kaiming_init_keeps_fully_connected_layers_small():
+    torch.manual_seed(0)
+    model = init_weights(create_model("nin28", head="fc"), "kaiming")
+    fc = model.head.fc
+    assert fc.weight.std().item() == pytest.approx(0.01, rel=0.1) and torch.count_nonzero(fc.bias) == 0
+
+
 def test_init_resets_batch_norm_to_identity():
     model = create_model("nin28")
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]

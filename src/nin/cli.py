@@ -228,6 +228,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", metavar="RUN_OR_CHECKPOINT", help="continue a run from its latest checkpoint")
     g.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
 
+    p = sub.add_parser("study", help="run one of the seed's exercises over seeds; a report with tables and figures",
+                       description="Run a named study: its variants, each over several seeds, then a report "
+                                   "folder (report.md, curves.png, sweep.png, configs/, study.json). Finished "
+                                   "runs are recorded as they end, so running the same command again continues "
+                                   "an interrupted study.")
+    p.add_argument("name", nargs="?", help="lr, mlp-layers, head, regularization or init (--list shows them)")
+    p.add_argument("--list", action="store_true", help="list the studies and their budgets")
+    p.add_argument("--budget", choices=("cpu", "full"), default="cpu",
+                   help="cpu (default): within about 20 minutes on a 2-core CPU; full: the seed's settings, for a GPU")
+    p.add_argument("--seeds", type=_positive_int, help="seeds per variant (default: the budget's, 3)")
+    p.add_argument("--epochs", type=_positive_int, help="override the budget's epochs")
+    p.add_argument("--subset", type=_positive_int, help="override the budget's training images")
+    p.add_argument("--data-dir", help="directory holding the data files")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
+    p.add_argument("--on-diverge", choices=("stop", "rollback"), default="stop",
+                   help="stop (default): a diverged run is recorded as such; rollback: retry it at a lower lr")
+    p.add_argument("--out", help="report folder (default runs/study-NAME-BUDGET); an existing one is continued")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the recorded runs")
+
     p = sub.add_parser("evaluate", help="test accuracy, per-class accuracy and a confusion matrix")
     p.add_argument("checkpoint", help="checkpoint directory or run directory (its latest checkpoint)")
     p.add_argument("--data-dir", help="directory holding the data files")
@@ -483,6 +503,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from nin.study import STUDIES, StudyConfig, get_study, run_study, write_report
+
+    if args.list or not args.name:
+        for s in STUDIES.values():
+            print(f"{s.name:<15} v{s.version}  {s.title}")
+            for b, budget in s.budgets.items():
+                print(f"  {b:<5} {len(budget.variants)} variants x {budget.seeds} seeds: {budget.description}")
+        return 0
+    from nin.run import configure_runtime
+
+    study = get_study(args.name)
+    extra = {"data.data_dir": args.data_dir} if args.data_dir else {}
+    sc = StudyConfig(budget=args.budget, seeds=args.seeds, epochs=args.epochs, subset=args.subset,
+                     device=args.device, on_diverge=args.on_diverge, extra=extra)
+    out = Path(args.out or f"runs/study-{study.name}-{args.budget}")
+    command = "nin study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else f"nin study {study.name}"
+    if not args.report_only:
+        configure_runtime(args.threads)
+        run_study(study, sc, out, log=lambda line: print(line, flush=True))
+    path = write_report(study, sc, out, command)
+    print(f"report: {path}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from nin.datasets import load_splits
     from nin.loader import DeviceLoader
@@ -595,7 +640,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"models": cmd_models, "datasets": cmd_datasets, "shapes": cmd_shapes, "profile": cmd_profile,
-            "train": cmd_train, "evaluate": cmd_evaluate, "bench": cmd_bench,
+            "train": cmd_train, "study": cmd_study, "evaluate": cmd_evaluate, "bench": cmd_bench,
             "tune": cmd_tune}
 
 
