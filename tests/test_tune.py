@@ -1,0 +1,215 @@
+"""nin tune: the search space, pruning, workers sharing one SQLite study, best.yaml, continuing, divergence, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from nin import run
+from nin.cli import main
+from nin.config import load_config
+from nin.tune import Dim, PruningCallback, parse_space, search_space
+
+optuna = pytest.importorskip("optuna")
+
+TINY = ["--subset", "256", "--holdout", "128", "--max-epochs", "1", "--threads", "1", "--quiet"]
+
+
+def load(out: Path):
+    return optuna.load_study(study_name="nin-tune", storage=f"sqlite:///{out / 'tune.db'}")
+
+
+def tune(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["tune", *argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+# ------------------------------------------------------------------ the space
+
+
+def test_the_search_space_is_a_table_of_train_settings():
+    space = {d.name: d for d in search_space(max_epochs=4)}
+    assert list(space) == ["lr", "batch_size", "weight_decay", "schedule", "epochs"]
+    assert space["lr"] == Dim("lr", "float", 1e-3, 0.5, log=True)
+    assert space["batch_size"].choices == (64, 128, 256)
+    assert space["schedule"].choices == ("constant", "cosine", "onecycle", "step")
+    assert (space["epochs"].kind, space["epochs"].low, space["epochs"].high) == ("int", 1, 4)
+    fixed = optuna.trial.FixedTrial({"lr": 0.01, "batch_size": 64, "weight_decay": 1e-4, "schedule": "step",
+                                     "epochs": 2})
+    assert {d.name: d.suggest(fixed) for d in space.values()}["epochs"] == 2
+    assert space["lr"].describe() == "lr 0.001..0.5 (log)"
+
+
+def test_space_overrides_keep_scales_type_check_and_add_settings():
+    space = {d.name: d for d in parse_space(["lr=1e-4..1", "schedule=cosine,onecycle", "momentum=0.8..0.95:linear",
+                                             "batch_size=32", "epochs=2..5"], max_epochs=3)}
+    assert space["lr"] == Dim("lr", "float", 1e-4, 1.0, log=True)  # lr stays log-scaled
+    assert space["schedule"].choices == ("cosine", "onecycle")
+    assert space["momentum"] == Dim("momentum", "float", 0.8, 0.95, log=False)
+    assert space["batch_size"].choices == (32,)
+    assert space["epochs"] == Dim("epochs", "int", 2, 5)
+    for bad, says in [("nope=1", "unknown setting 'nope'"), ("schedule=linear", "schedule must be one of"),
+                      ("lr=1..0.1", "low < high"), ("lr", "KEY=LOW..HIGH"), ("lr=-1..1:log", "positive"),
+                      ("batch_size=big", "batch_size must be int")]:
+        with pytest.raises(Exception, match=says):
+            parse_space([bad])
+
+
+# ------------------------------------------------------------------ pruning
+
+
+def test_the_pruning_callback_reports_each_epoch_and_prunes_below_the_median():
+    study = optuna.create_study(direction="maximize",
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
+    done = study.ask()
+    done.report(0.8, 1)
+    done.report(0.9, 2)
+    study.tell(done, 0.9)
+    three_epochs = SimpleNamespace(config=SimpleNamespace(epochs=3), history=[])
+    weak = study.ask()
+    with pytest.raises(optuna.TrialPruned, match="epoch 1: test_acc 0.3000"):
+        PruningCallback(weak).on_epoch_end(three_epochs, {"epoch": 1, "test_acc": 0.3})
+    assert study.trials[weak.number].intermediate_values == {1: 0.3}
+    strong = study.ask()
+    PruningCallback(strong).on_epoch_end(three_epochs, {"epoch": 1, "test_acc": 0.85})  # above the median: goes on
+    last = study.ask()  # a trial's last epoch is never pruned: stopping there saves nothing
+    PruningCallback(last).on_epoch_end(SimpleNamespace(config=SimpleNamespace(epochs=1), history=[]),
+                                       {"epoch": 1, "test_acc": 0.1})
+
+
+# ------------------------------------------------------------------ whole searches
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, fashion_mnist, one_thread) -> tuple[Path, str]:
+    """Two worker processes sharing one SQLite study: 3 trials (2 and 1)."""
+    out = tmp_path_factory.mktemp("tune") / "search"
+    code, stdout, err = tune("--trials", "3", "--workers", "2", "--startup-trials", "2", "--out", str(out), *TINY)
+    assert code == 0, err
+    return out, stdout
+
+
+def test_two_workers_share_one_sqlite_study(shared):
+    out, stdout = shared
+    trials = load(out).trials
+    assert len(trials) == 3 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    assert len({t.user_attrs["pid"] for t in trials}) == 2  # both workers ran trials
+    for t in trials:
+        run_dir = Path(t.user_attrs["run_dir"])
+        assert run_dir == (out / "trials" / str(t.number)).resolve() and (run_dir / "config.json").exists()
+        assert {"wall_time", "epochs_run", "host"} <= set(t.user_attrs)
+        assert t.params["epochs"] == 1 and t.params["batch_size"] in (64, 128, 256)
+    assert "trial  state     holdout acc  lr" in stdout and "best: trial" in stdout
+
+
+def test_best_yaml_is_the_best_trial_without_the_holdout_and_trains(shared, tmp_path):
+    out, _ = shared
+    best = load(out).best_trial
+    cfg = load_config(out / "best.yaml")
+    assert cfg.data.holdout is None and cfg.data.subset is None  # the full training set, scored on the test set
+    for key, value in best.params.items():
+        assert getattr(cfg.train, key) == value
+    trial_cfg = run.load_run_config(Path(best.user_attrs["run_dir"]))
+    assert (trial_cfg.data.holdout, trial_cfg.data.subset) == (128, 256)
+    assert trial_cfg.train == cfg.train
+    # nin train --config best.yaml loads it (here cut short: a few images, two steps)
+    code = main(["train", "--config", str(out / "best.yaml"), "--subset", "128", "--test-subset", "64",
+                 "--max-steps", "2", "--threads", "1", "--out", str(tmp_path / "final"), "--quiet"])
+    assert code == 0
+    assert run.load_run_config(tmp_path / "final").data.holdout is None
+
+
+def test_an_existing_out_dir_is_continued_not_overwritten(shared):
+    out, _ = shared
+    before = {t.number: t.params for t in load(out).trials}
+    code, _, err = tune("--trials", "1", "--startup-trials", "2", "--out", str(out), *TINY)
+    assert code == 0, err
+    after = load(out).trials
+    assert len(after) == 4 and {t.number: t.params for t in after[:3]} == before
+    assert sorted(int(p.name) for p in (out / "trials").iterdir()) == [0, 1, 2, 3]
+    # continuing with another space or setting would mix incomparable trials: refused
+    code, _, err = tune("--trials", "1", "--out", str(out), *TINY, "--max-epochs", "2")
+    assert code == 2 and "searched another space (lr 0.001..0.5 (log)" in err and err.count("\n") == 1
+    code, _, err = tune("--trials", "1", "--out", str(out), *TINY, "--subset", "200")
+    assert code == 2 and "was run with data.subset=256, this run has 200" in err
+
+
+def test_a_diverged_trial_is_recorded_and_the_search_goes_on(tmp_path, fashion_mnist, one_thread, monkeypatch,
+                                                            capsys):
+    """Trial 0 gets an absurd learning rate on a model without BatchNorm: its loss really goes to NaN."""
+    real_train = run.train
+
+    def train(cfg, out, **kw):
+        if Path(out).name == "0":
+            cfg.train.lr, cfg.train.schedule = 1e6, "constant"
+        return real_train(cfg, out, **kw)
+
+    monkeypatch.setattr(run, "train", train)
+    config = tmp_path / "nobn.yaml"
+    config.write_text("model:\n  options: {batch_norm: false}\n")
+    argv = ["tune", "--config", str(config), "--trials", "1", "--space", "lr=0.01", "--out", str(tmp_path / "t"), *TINY]
+    assert main(argv) == 1  # nothing has finished yet: no best config
+    assert "no trial has finished" in capsys.readouterr().out and not (tmp_path / "t" / "best.yaml").exists()
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    diverged, ok = load(tmp_path / "t").trials
+    assert diverged.state.name == "PRUNED" and diverged.user_attrs["diverged"] is True
+    assert diverged.user_attrs["step"] >= 1 and diverged.user_attrs["loss"] in ("nan", "inf", "-inf")
+    assert ok.state.name == "COMPLETE" and "diverged" not in ok.user_attrs
+    assert "\n0      diverged  -" in stdout and "best: trial 1," in stdout
+    assert (tmp_path / "t" / "best.yaml").exists()
+
+
+# ------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--workers", "0"], "tune: argument --workers: expected a positive integer, got '0'"),
+    (["--trials", "0"], "tune: argument --trials: expected a positive integer, got '0'"),
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--space", "lr"], "--space items look like KEY=LOW..HIGH"),
+    (["--storage", "nodb://x"], "--storage nodb://x: cannot open it"),
+    (["--holdout", "60000"], "--holdout must be between 1 and 59999, got 60000"),
+    (["--holdout", "100", "--subset", "59950"], "--subset must be between 1 and 59900"),
+])
+def test_bad_flags_are_one_line_errors(argv, says, tmp_path, fashion_mnist, capsys):
+    assert main(["tune", "--out", str(tmp_path / "t"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nin: error: ") and says in err and err.count("\n") == 1
+
+
+def test_bad_config_files_and_out_dirs_and_studies_are_one_line_errors(tmp_path, fashion_mnist, capsys,
+                                                                       monkeypatch):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    minimizing = tmp_path / "min"
+    minimizing.mkdir()
+    optuna.create_study(study_name="nin-tune", storage=f"sqlite:///{minimizing / 'tune.db'}", direction="minimize")
+    cases = [
+        (["--config", str(bad)], "not valid YAML"),
+        (["--out", str(other)], "is not a nin tune directory"),
+        (["--out", str(minimizing)], "study 'nin-tune' in sqlite:///"),
+        (["--storage", f"sqlite:///{tmp_path}/no/such/dir/x.db"], "cannot open it"),
+    ]
+    for argv, says in cases:
+        assert main(["tune", "--out", str(tmp_path / "t"), *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("nin: error: ") and says in err and err.count("\n") == 1, err
+    assert "minimizes" in main_err(["--out", str(minimizing)], capsys)
+    monkeypatch.setitem(sys.modules, "optuna", None)  # not installed
+    assert "pip install optuna (or pip install 'nin[tune]')" in main_err(["--out", str(tmp_path / "u")], capsys)
+
+
+def main_err(argv: list[str], capsys) -> str:
+    assert main(["tune", *argv]) == 2
+    return capsys.readouterr().err
