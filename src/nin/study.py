@@ -383,6 +383,7 @@ def run_study(study: Study, sc: StudyConfig, out: str | os.PathLike,
                           config=cfg.to_dict(), env=environment(device))
             if record["status"] == "ok" and history and history[-1]["test_acc"] < chance(_classes(cfg)):
                 record["status"] = "at chance"
+            record = json.loads(json.dumps(record))  # as it will read back: lists, not tuples
             _append(out / RESULTS, record)
             done[(variant.label, seed)] = record
             log(f"[{k}/{total}] {variant.label}, seed {seed}: {_outcome(record)} ({record['seconds']:.0f} s)")
