@@ -24,6 +24,7 @@ the tuning's ``subset`` budget), is written to ``<out>/best.yaml`` for ``nin tra
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import math
@@ -208,6 +209,8 @@ def cores() -> int:
 
 
 def with_params(cfg: RunConfig, params: dict[str, Any]) -> RunConfig:
+    """A copy of ``cfg`` with the searched train settings set."""
+    cfg = copy.deepcopy(cfg)
     return replace(cfg, train=replace(cfg.train, **params))
 
 
@@ -364,7 +367,7 @@ def _fmt(v: Any) -> str:
 
 def _shown_value(t) -> str:
     """The objective value; for a pruned trial its last reported value, in parentheses."""
-    if t.value is not None:
+    if t.state.name == "COMPLETE":
         return f"{t.value:.4f}"
     if t.intermediate_values:
         return f"({t.intermediate_values[max(t.intermediate_values)]:.4f})"
