@@ -13,7 +13,7 @@ import pytest
 from nin import run
 from nin.cli import main
 from nin.config import load_config
-from nin.tune import Dim, PruningCallback, parse_space, search_space
+from nin.tune import Dim, PruningCallback, parse_space, search_space, table
 
 optuna = pytest.importorskip("optuna")
 
@@ -77,6 +77,10 @@ def test_the_pruning_callback_reports_each_epoch_and_prunes_below_the_median():
     with pytest.raises(optuna.TrialPruned, match="epoch 1: test_acc 0.3000"):
         PruningCallback(weak).on_epoch_end(three_epochs, {"epoch": 1, "test_acc": 0.3})
     assert study.trials[weak.number].intermediate_values == {1: 0.3}
+    study.tell(weak, state=optuna.trial.TrialState.PRUNED)
+    rows = table(study.trials).splitlines()
+    assert rows[1].split()[:3] == ["0", "complete", "0.9000"]
+    assert rows[2].split()[:3] == ["1", "pruned", "(0.3000)"]  # its last reported accuracy, not a final one
     strong = study.ask()
     PruningCallback(strong).on_epoch_end(three_epochs, {"epoch": 1, "test_acc": 0.85})  # above the median: goes on
     last = study.ask()  # a trial's last epoch is never pruned: stopping there saves nothing
