@@ -292,27 +292,31 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the training split, never on the test set, and kept in an Optuna storage "
                                    "(OUT/tune.db); the best configuration is written to OUT/best.yaml for "
                                    "nin train --config.")
-    p.add_argument("--trials", type=_positive_int, default=20, help="trials to add, over all workers (default 20)")
-    p.add_argument("--workers", type=_positive_int, default=1,
+    p.add_argument("--trials", type=_positive_int, default=20, metavar="N",
+                   help="trials to add, over all workers (default 20)")
+    p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
                    help="worker processes on this machine sharing the study and the cores (default 1)")
     p.add_argument("--preset", help="recipe the trials start from (default: the config file's, else default)")
     p.add_argument("--config", metavar="FILE", help="base settings from a TOML, YAML or JSON file (over --preset)")
     p.add_argument("--model", help="registered model name (see `nin models`)")
     p.add_argument("--dataset", "--data", dest="dataset", help="as for nin train (default: the preset's)")
     p.add_argument("--data-dir", help="directory holding the data files (also NIN_DATA_DIR)")
-    p.add_argument("--holdout", type=_positive_int,
+    p.add_argument("--holdout", type=_positive_int, metavar="N",
                    help="validation images held out from the training split (default: 5000, at most a tenth)")
-    p.add_argument("--subset", type=_positive_int, help="train each trial on N of the remaining training images")
-    p.add_argument("--max-epochs", type=_positive_int, default=3, help="epochs are searched in 1..N (default 3)")
+    p.add_argument("--subset", type=_positive_int, metavar="N",
+                   help="train each trial on N of the remaining training images")
+    p.add_argument("--max-epochs", type=_positive_int, default=3, metavar="N",
+                   help="epochs are searched in 1..N (default 3)")
     p.add_argument("--space", action="append", default=[], metavar="KEY=...",
                    help="change the search: KEY=LOW..HIGH[:log|:linear], KEY=A,B,... or KEY=VALUE for any train "
                         "setting (repeatable)")
-    p.add_argument("--startup-trials", type=_nonneg_int, default=5,
+    p.add_argument("--startup-trials", type=_nonneg_int, default=5, metavar="N",
                    help="random trials before TPE, and finished trials before pruning (default 5)")
     p.add_argument("--storage", metavar="URL", help="Optuna database URL shared by workers on several machines "
                                                      "(default: sqlite:///OUT/tune.db)")
     p.add_argument("--study-name", default="nin-tune", help="study in the storage; continued if it exists")
-    p.add_argument("--threads", type=_positive_int, help="torch threads per worker (default: cores / workers)")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="torch threads per worker (default: cores / workers)")
     p.add_argument("--device", help="auto, cpu or cuda[:N] (default: the preset's)")
     p.add_argument("--seed", type=int, help="training seed of every trial and seed of the sampler")
     p.add_argument("--out", help="directory for tune.db, trials/ and best.yaml (default runs/tune-DATE); an "
