@@ -274,8 +274,8 @@ def init_weights(model: nn.Module, scheme: Literal["xavier", "kaiming", "default
     """Re-initialize every conv and linear layer of ``model`` in place and return it.
 
     ``xavier`` is d2l's: Xavier-uniform weights, PyTorch's default biases.
-    ``kaiming`` is He-normal for ReLU (fan-out) for convolutions, N(0, 0.01) for
-    fully connected layers, and zero biases. ``default``
+    ``kaiming`` is He-normal for ReLU, fan-out for convolutions and fan-in for
+    fully connected layers, with zero biases. ``default``
     keeps PyTorch's initialization. BatchNorm is reset to identity. Nothing
     else in this package ever re-initializes a model.
     """
@@ -289,8 +289,8 @@ def init_weights(model: nn.Module, scheme: Literal["xavier", "kaiming", "default
                 nn.init.xavier_uniform_(m.weight)
             elif isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            else:  # fan-out He init of a 490 -> 10 classifier has std 0.45: its logits start in the tens
-                nn.init.normal_(m.weight, 0.0, 0.01)
+            else:  # fan-in: fan-out He init of a 490 -> 10 classifier has std 0.45, its logits start in the tens
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
             if m.bias is not None and scheme == "kaiming":
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
