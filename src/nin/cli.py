@@ -523,7 +523,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     sc = StudyConfig(budget=args.budget, seeds=args.seeds, epochs=args.epochs, subset=args.subset,
                      device=args.device, on_diverge=args.on_diverge, extra=extra)
     out = Path(args.out or f"runs/study-{study.name}-{args.budget}")
-    command = "nin study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else f"nin study {study.name}"
+    command = " ".join(["nin study", study.name, "--budget", args.budget]
+                       + [f"--{k.replace('_', '-')} {v}" for k in ("seeds", "epochs", "subset", "data_dir", "device")
+                          if (v := getattr(args, k)) not in (None, "auto")]
+                       + (["--on-diverge rollback"] if args.on_diverge == "rollback" else []) + ["--out", str(out)])
     if not args.report_only:
         configure_runtime(args.threads)
         run_study(study, sc, out, log=lambda line: print(line, flush=True))

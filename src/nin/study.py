@@ -511,7 +511,7 @@ def render_report(study: Study, sc: StudyConfig, records: Sequence[dict[str, Any
                      f"| {mean_std(r.loss)} | {statistics.median(r.seconds):.0f} s | {notes} |")
     diverged = [r for r in records if r["status"] == "diverged"]
     chance_runs = [r for r in records if r["status"] == "at chance"]
-    lines += ["", "## Divergence", ""]
+    lines += ["", "## Divergence and runs at chance", ""]
     if not diverged and not chance_runs and not any(r.get("rollbacks") for r in records):
         lines.append("No run diverged (non-finite loss) or ended at chance accuracy.")
     for r in diverged:
@@ -542,6 +542,7 @@ def plot_study(study: Study, budget: Budget, records: Sequence[dict[str, Any]], 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from nin.plots import _save
 
@@ -565,6 +566,7 @@ def plot_study(study: Study, budget: Budget, records: Sequence[dict[str, Any]], 
     ax_acc.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy (x: diverged after this epoch)")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.legend(fontsize=7)
     fig.suptitle(f"{study.name}: {study.title}", fontsize=9)
     fig.tight_layout()
