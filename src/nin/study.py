@@ -552,7 +552,11 @@ def plot_study(study: Study, budget: Budget, records: Sequence[dict[str, Any]], 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
     for i, label in enumerate(labels):
         c = colors[i % len(colors)]
-        for j, r in enumerate(x for x in records if x["variant"] == label):
+        runs = [x for x in records if x["variant"] == label]
+        if not any(r["history"] for r in runs):  # every seed diverged inside its first epoch: nothing to draw
+            epochs = sorted({r["diverged"]["epoch"] for r in runs if r["status"] == "diverged"})
+            ax_acc.plot([], [], "x", color=c, label=f"{label}: diverged in epoch {', '.join(map(str, epochs))}")
+        for j, r in enumerate(runs):
             h = r["history"]
             if not h:
                 continue
