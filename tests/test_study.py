@@ -176,3 +176,14 @@ def test_report_only_without_runs_is_one_line(capsys, tmp_path):
     assert main(["study", "head", "--report-only", "--out", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no finished runs of study 'head'" in err
+
+
+def test_with_rollback_a_study_records_each_rollback_of_a_run(folder, tmp_path, one_thread):
+    study, out = tiny_study(folder, lrs=(1000.0,)), tmp_path / "study"
+    sc = StudyConfig(device="cpu", seeds=1, on_diverge="rollback")
+    (record,) = run_study(study, sc, out, log=lambda _: None)
+    assert record["config"]["train"]["on_diverge"] == "rollback"
+    assert record["status"] == "diverged" and record["diverged"]["loss"] == "nan"
+    assert [e["lr_scale"] for e in record["rollbacks"]] == [0.5, 0.25, 0.125]  # then it gave up
+    report = write_report(study, sc, out, "nin study tiny --on-diverge rollback").read_text()
+    assert report.count("lr=1000, seed 0: rolled back at step") == 3 and "learning rate x0.125 from there" in report

@@ -586,7 +586,7 @@ def plot_study(study: Study, budget: Budget, records: Sequence[dict[str, Any]], 
         ax.scatter([x] * len(r.final), r.final, s=10, color="gray", alpha=0.6, zorder=3)
         if not r.final:
             ax.annotate("diverged", (x, 0.1), ha="center", fontsize=8, color="red")
-    if numeric and study.log_axis:
+    if numeric and study.log_axis and any(r.final for r in rows):  # nothing drawn: no limits to log-scale
         ax.set_xscale("log")
     if not numeric:
         ax.set_xticks(xs, labels, rotation=15, fontsize=8)
