@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from nin.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,3 +42,41 @@ def test_resources_doc_has_the_real_per_layer_table(capsys):
     out = capsys.readouterr().out
     table = "\n".join(line for line in out.splitlines() if line.startswith(("| features.", "| head.", "| total")))
     assert table.count("\n") == 30 and table in doc
+
+
+EXPERIMENTS = ROOT / "docs" / "experiments"
+
+
+def study_reports() -> list[Path]:
+    return sorted(EXPERIMENTS.glob("*/report.md"))
+
+
+def test_every_built_in_study_has_a_committed_report():
+    from nin.study import STUDIES
+
+    assert {p.parent.name for p in study_reports()} >= set(STUDIES)
+
+
+@pytest.mark.parametrize("report", study_reports(), ids=lambda p: p.parent.name)
+def test_study_reports_are_what_their_recorded_runs_give(report):
+    """Each committed report.md re-renders, byte for byte, from the results.jsonl recorded beside it."""
+    import json
+
+    from nin.study import STUDIES, StudyConfig, load_records, render_report
+
+    meta = json.loads((report.parent / "study.json").read_text())
+    study = STUDIES[meta["study"]]
+    assert meta["version"] == study.version
+    records = [r for r in load_records(report.parent) if r["budget"] == meta["budget"]]
+    budget = study.budgets[meta["budget"]]
+    assert {(r["variant"], r["seed"]) for r in records} == {(v.label, s) for v in budget.variants
+                                                            for s in meta["seeds"]}
+    rendered = render_report(study, StudyConfig(budget=meta["budget"]), records, meta["command"])
+    assert rendered == report.read_text()
+
+
+@pytest.mark.parametrize("report", study_reports(), ids=lambda p: p.parent.name)
+def test_experiments_doc_quotes_each_study_table_as_reported(report):
+    doc = (ROOT / "docs" / "experiments.md").read_text()
+    rows = [line for line in report.read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows and all(row in doc for row in rows), report.parent.name
