@@ -277,8 +277,8 @@ def test_on_diverge_rollback_logs_each_rollback_then_stops_with_one_line(capsys,
     # lr 1000 without BatchNorm: the loss is NaN within a few steps, every time
     run = tmp_path / "run"
     argv = ["train", "--no-batch-norm", "--lr", "1000", "--schedule", "constant", "--subset", "256",
-            "--test-subset", "64", "--batch-size", "32", "--epochs", "1", "--threads", "1", "--out", str(run), "--quiet",
-            "--on-diverge", "rollback", "--max-rollbacks", "2", "--rollback-factor", "0.5"]
+            "--test-subset", "64", "--batch-size", "32", "--epochs", "1", "--threads", "1", "--out", str(run),
+            "--quiet", "--on-diverge", "rollback", "--max-rollbacks", "2", "--rollback-factor", "0.5"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("nin: error:") == 1 and "after 2 rollback(s) (lr scale 0.25)" in err

@@ -103,9 +103,9 @@ def test_step_schedule_divides_the_lr_at_each_milestone_after_warm_up():
 
 
 def test_holdout_validates_on_training_images_the_same_for_every_seed(tmp_path):
-    from nin.run import RunConfig, build
-
     import numpy as np
+
+    from nin.run import RunConfig, build
 
     rng = np.random.default_rng(0)
     root = tmp_path / "imgs"
