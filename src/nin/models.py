@@ -149,7 +149,7 @@ class NiN(nn.Module):
 
     ``features`` holds the named stages (``block1``, ``pool1``, ``drop1``, ...);
     its output has one channel per class: the class evidence maps. ``head`` is
-    global average pooling and a flatten.
+    global average pooling and a flatten (``head="fc"``: a flatten and one linear layer).
     """
 
     def __init__(
