@@ -248,6 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder (default runs/study-NAME-BUDGET); an existing one is continued")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the recorded runs")
 
+    p = sub.add_parser("predict", help="classify image files with a trained model: top-k classes and probabilities",
+                       description="Classify PNG/JPEG files (any size and mode) or folders of them. Each image is "
+                                   "decoded and normalized exactly as the run's training images were.")
+    p.add_argument("checkpoint", help="checkpoint directory or run directory (its latest checkpoint)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    p.add_argument("--top-k", type=_positive_int, default=5, help="classes to show per image (default 5)")
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="one JSON document: predictions and per-file errors")
+
     p = sub.add_parser("evaluate", help="test accuracy, per-class accuracy and a confusion matrix")
     p.add_argument("checkpoint", help="checkpoint directory or run directory (its latest checkpoint)")
     p.add_argument("--data-dir", help="directory holding the data files")
@@ -535,6 +545,27 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Exit 0: every file classified; 1: some files could not be read (each named on stderr); 2: none could."""
+    from nin.predict import predict_files
+    from nin.run import load_trained
+
+    trained = load_trained(args.checkpoint, args.device)
+    preds, bad = predict_files(trained, args.images, args.top_k, args.batch_size)
+    if args.json:
+        print(json.dumps({"checkpoint": str(trained.path), "model": trained.name,
+                          "predictions": [p.to_dict() for p in preds],
+                          "errors": [{"file": str(f), "error": why} for f, why in bad]}, indent=1))
+    else:
+        for p in preds:
+            print(f"{p.file}: " + ", ".join(f"{c} {prob:.3f}" for c, prob in p.top))
+    for f, why in bad:
+        print(f"nin: error: {f}: {why}", file=sys.stderr)
+    if not preds:
+        return EXIT_USAGE
+    return 1 if bad else 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from nin.datasets import load_splits
     from nin.loader import DeviceLoader
@@ -647,8 +678,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"models": cmd_models, "datasets": cmd_datasets, "shapes": cmd_shapes, "profile": cmd_profile,
-            "train": cmd_train, "study": cmd_study, "evaluate": cmd_evaluate, "bench": cmd_bench,
-            "tune": cmd_tune}
+            "train": cmd_train, "study": cmd_study, "predict": cmd_predict, "evaluate": cmd_evaluate,
+            "bench": cmd_bench, "tune": cmd_tune}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

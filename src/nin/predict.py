@@ -1,0 +1,100 @@
+"""Classify image files with a trained model: ``nin predict``.
+
+Each file (PNG, JPEG, ... of any size and mode) is decoded the way the model's
+training images were: to the data set's channels and stored size (28x28 for
+Fashion-MNIST; the model's input size for an image folder), centre-cropped to that
+aspect ratio. Then the run's own input pipeline resizes and normalizes (or
+whitens) the batch on the device, exactly as it did for training and evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nin.errors import NinError
+
+FIT = "crop"  # how an image of another aspect ratio is brought to the stored size (as folder data sets are)
+
+
+@dataclass
+class Prediction:
+    file: str
+    top: list[tuple[str, float]]  # (class name, probability), most likely first
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "top": [{"class": c, "probability": p} for c, p in self.top]}
+
+
+def expand(paths: list[str]) -> list[Path]:
+    """The image files named, with folders replaced by the image files under them (sorted)."""
+    from nin.folder import _is_image_name
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and _is_image_name(f.name))
+            if not found:
+                raise NinError(f"{p}: no image files in this folder")
+            files += found
+        else:
+            files.append(p)  # a missing or unreadable file is reported with the others
+    return files
+
+
+def stored_shape(trained) -> tuple[int, tuple[int, int]]:
+    """Channels and (H, W) the run's training images were stored at before its pipeline resized them."""
+    from nin.datasets import NAMES
+
+    channels = trained.model.input_size[0]
+    info = NAMES.get(trained.dataset)
+    return channels, (tuple(info.image_shape[1:]) if info else tuple(trained.size))
+
+
+def decode(files: list[Path], channels: int, size: tuple[int, int]):
+    """uint8 ``[N, C, H, W]`` of the files that decode, their paths, and (path, reason) for those that do not."""
+    from nin.folder import DECODE_ERRORS, _decode_reason, decode_image
+
+    arrays, good, bad = [], [], []
+    for f in files:
+        try:
+            arrays.append(decode_image(f, channels, size, FIT))
+            good.append(f)
+        except FileNotFoundError:
+            bad.append((f, "no such file"))
+        except IsADirectoryError:
+            bad.append((f, "is a directory"))
+        except PermissionError:
+            bad.append((f, "permission denied"))
+        except DECODE_ERRORS as e:
+            bad.append((f, _decode_reason(e)))
+    images = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(0, channels, *size, dtype=torch.uint8)
+    return images, good, bad
+
+
+@torch.inference_mode()
+def predict_files(trained, paths: list[str | os.PathLike], top_k: int = 5, batch_size: int = 256):
+    """Top-``top_k`` classes of each readable file; returns (predictions, [(file, reason), ...])."""
+    from nin.loader import DeviceLoader
+
+    if top_k < 1:
+        raise NinError(f"--top-k must be at least 1, got {top_k}")
+    files = expand([str(p) for p in paths])
+    channels, size = stored_shape(trained)
+    images, good, bad = decode(files, channels, size)
+    if not good:
+        return [], bad
+    device = next(trained.model.parameters()).device
+    loader = DeviceLoader(images.to(device), torch.zeros(len(images), dtype=torch.long, device=device), batch_size,
+                          size=trained.size, mean=trained.mean, std=trained.std, whiten=trained.whitening)
+    model = trained.model.eval()
+    k = min(top_k, len(trained.classes))
+    probs = torch.cat([model(x).float().softmax(1) for x, _ in loader]).cpu()
+    values, indices = probs.topk(k, dim=1)
+    preds = [Prediction(str(f), [(trained.classes[i], float(v)) for v, i in zip(vs.tolist(), ix.tolist())])
+             for f, vs, ix in zip(good, values, indices)]
+    return preds, bad
