@@ -258,6 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="one JSON document: predictions and per-file errors")
 
+    p = sub.add_parser("cam", help="class activation maps of a trained NiN over image files or test images (PNG)",
+                       description="Overlay each image with the class maps of its top-k classes: channel k of a "
+                                   "NiN's last block, whose mean is class k's logit, upsampled to the image.")
+    p.add_argument("checkpoint", help="checkpoint directory or run directory (its latest checkpoint)")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders (or use --grid)")
+    p.add_argument("--top-k", type=_positive_int, default=3, help="classes per image (default 3)")
+    p.add_argument("--grid", type=_positive_int, metavar="N",
+                   help="the first N images of the run's test split, each with its top class and true class")
+    p.add_argument("--data-dir", help="directory holding the data files (--grid)")
+    p.add_argument("--out", default="cam.png", help="PNG to write (default cam.png)")
+    p.add_argument("--device", default="auto")
+
     p = sub.add_parser("evaluate", help="test accuracy, per-class accuracy and a confusion matrix")
     p.add_argument("checkpoint", help="checkpoint directory or run directory (its latest checkpoint)")
     p.add_argument("--data-dir", help="directory holding the data files")
@@ -566,6 +578,46 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_cam(args: argparse.Namespace) -> int:
+    from nin.cam import cam_panels, check_cam_model, plot_cams
+    from nin.predict import decode, expand, stored_shape
+    from nin.run import SPLIT_SEED, load_trained
+
+    if bool(args.images) == bool(args.grid):
+        raise NinError("cam: give IMAGE files or --grid N, not both or neither")
+    t = load_trained(args.checkpoint, args.device)
+    check_cam_model(t.model)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise NinError(f"--out must be a .png file, got {out}")
+    bad = []
+    if args.grid:
+        from nin.datasets import load_splits
+
+        data = t.config.data
+        if args.data_dir:
+            data.data_dir = args.data_dir
+        channels, size = stored_shape(t)
+        test = load_splits(data, channels=channels, size=size, seed=SPLIT_SEED, splits=("test",))[0]["test"]
+        n = min(args.grid, len(test.images))
+        rows = cam_panels(t, test.images[:n], 1, test.labels[:n])
+        per_row = 8
+        flat = [r[0] for r in rows]
+        panels = [flat[i:i + per_row] for i in range(0, len(flat), per_row)]
+        title = f"{t.name}: top class map of {n} test images"
+    else:
+        images, good, bad = decode(expand(args.images), *stored_shape(t))
+        for f, why in bad:
+            print(f"nin: error: {f}: {why}", file=sys.stderr)
+        if not good:
+            return EXIT_USAGE
+        panels = cam_panels(t, images, args.top_k)
+        title = f"{t.name}: class maps of the top {min(args.top_k, len(t.classes))} classes"
+    plot_cams(panels, out, title)
+    print(f"wrote {out}")
+    return 1 if bad else 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from nin.datasets import load_splits
     from nin.loader import DeviceLoader
@@ -678,7 +730,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"models": cmd_models, "datasets": cmd_datasets, "shapes": cmd_shapes, "profile": cmd_profile,
-            "train": cmd_train, "study": cmd_study, "predict": cmd_predict, "evaluate": cmd_evaluate,
+            "train": cmd_train, "study": cmd_study, "predict": cmd_predict, "cam": cmd_cam, "evaluate": cmd_evaluate,
             "bench": cmd_bench, "tune": cmd_tune}
 
 
