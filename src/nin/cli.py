@@ -270,6 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="cam.png", help="PNG to write (default cam.png)")
     p.add_argument("--device", default="auto")
 
+    p = sub.add_parser("export", help="export a trained model to ONNX or TorchScript, verified against PyTorch",
+                       description="Export the model with its normalization and BatchNorm folded in: input 0-1 "
+                                   "float images [N, C, H, W] at the model's size, any N; output logits. The file "
+                                   "is run on real test images and its logits compared with PyTorch's before it "
+                                   "is kept.")
+    p.add_argument("checkpoint", help="checkpoint directory or run directory (its latest checkpoint)")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--out", help="file to write (default: RUN/MODEL-CHECKPOINT.onnx or .pt); never overwritten")
+    p.add_argument("--tolerance", type=_float, default=1e-4, help="largest allowed logit difference (default 1e-4)")
+    p.add_argument("--data-dir", help="directory holding the data files (for the verification images)")
+
     p = sub.add_parser("evaluate", help="test accuracy, per-class accuracy and a confusion matrix")
     p.add_argument("checkpoint", help="checkpoint directory or run directory (its latest checkpoint)")
     p.add_argument("--data-dir", help="directory holding the data files")
@@ -618,6 +629,22 @@ def cmd_cam(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from nin.export import FORMATS, export, sample_inputs
+    from nin.run import load_trained
+
+    t = load_trained(args.checkpoint, "cpu")
+    if args.data_dir:
+        t.config.data.data_dir = args.data_dir
+    out = Path(args.out) if args.out else t.path.parent.parent / f"{t.name}-{t.path.name}{FORMATS[args.format]}"
+    result = export(t, args.format, out, sample_inputs(t), args.tolerance)
+    print(f"wrote {result.path} ({args.format}, input images [N, {', '.join(map(str, t.model.input_size))}] "
+          f"scaled 0-1, output logits [N, {len(t.classes)}])")
+    print(f"verified: max |logit difference| {result.max_abs_diff:.2e} against PyTorch on real test images at batch "
+          f"sizes {' and '.join(map(str, result.batch_sizes))} (tolerance {args.tolerance:g})")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from nin.datasets import load_splits
     from nin.loader import DeviceLoader
@@ -730,8 +757,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"models": cmd_models, "datasets": cmd_datasets, "shapes": cmd_shapes, "profile": cmd_profile,
-            "train": cmd_train, "study": cmd_study, "predict": cmd_predict, "cam": cmd_cam, "evaluate": cmd_evaluate,
-            "bench": cmd_bench, "tune": cmd_tune}
+            "train": cmd_train, "study": cmd_study, "tune": cmd_tune, "evaluate": cmd_evaluate,
+            "predict": cmd_predict, "cam": cmd_cam, "export": cmd_export, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
