@@ -1,4 +1,4 @@
-"""The ``nin`` command: models, datasets, shapes, profile, train, evaluate, bench, tune.
+"""The ``nin`` command: models, datasets, shapes, profile, train, study, tune, evaluate, predict, cam, export, bench.
 
 User errors (bad flags, missing or corrupt files) print one line,
 ``nin: error: ...``, and exit with status 2; nothing prints a traceback for them.
