@@ -79,3 +79,22 @@ def make_cifar_archive(path, spec, counts: dict[str, int], seed: int = 0, *, ext
         for info, data in extra_members:
             tar.addfile(info, io.BytesIO(data) if data is not None else None)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, fashion_mnist):
+    """A run directory of the default recipe trained briefly on real Fashion-MNIST (nin28, with BatchNorm):
+    a checkpoint for the commands that use a trained model. Trained once per test session."""
+    from nin.run import preset, train
+
+    cfg = preset("default")
+    cfg.data.subset, cfg.data.test_subset = 2048, 256
+    cfg.train.epochs, cfg.train.channels_last = 1, False
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(cfg, out, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    return out

@@ -10,7 +10,6 @@ from nin.cam import check_cam_model, class_maps, upsample
 from nin.cli import main
 from nin.errors import NinError
 from nin.models import create_model, init_weights, list_models
-from nin.run import preset, train
 
 
 @pytest.mark.parametrize("name", list_models("nin"))
@@ -39,19 +38,9 @@ def test_upsampled_maps_fill_the_image_and_span_zero_to_one():
     assert torch.allclose(up.flatten(2).max(-1).values, torch.ones(2, 10), atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, fashion_mnist):
-    cfg = preset("default")
-    cfg.data.subset, cfg.data.test_subset = 2048, 256
-    cfg.train.epochs, cfg.train.channels_last = 1, False
-    out = tmp_path_factory.mktemp("cam") / "run"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(cfg, out, progress=False)
-    finally:
-        torch.set_num_threads(before)
-    return out
+@pytest.fixture
+def run_dir(tiny_run):
+    return tiny_run
 
 
 def is_png(path):

@@ -63,17 +63,13 @@ def test_build_gives_the_registered_architecture_with_pytorchs_layer_names():
     assert {"block1_0", "pool1", "drop1", "block4_4", "gap"} <= set(names)
 
 
-def test_from_torch_copies_a_trained_checkpoint(tmp_path, fashion_mnist, one_thread):
+def test_from_torch_copies_a_trained_checkpoint(tiny_run):
     from nin.export import sample_inputs
     from nin.keras import from_torch
-    from nin.run import load_trained, preset, train
+    from nin.run import load_trained
 
-    cfg = preset("default")
-    cfg.data.subset, cfg.data.test_subset = 1024, 128
-    cfg.train.epochs, cfg.train.channels_last = 1, False
-    train(cfg, tmp_path / "run", progress=False)
-    kmodel, classes = from_torch(tmp_path / "run")
-    t = load_trained(tmp_path / "run", "cpu")
+    kmodel, classes = from_torch(tiny_run)
+    t = load_trained(tiny_run, "cpu")
     mean, std = torch.tensor(t.mean).view(1, -1, 1, 1), torch.tensor(t.std).view(1, -1, 1, 1)
     x = (sample_inputs(t, 8) - mean) / std
     with torch.no_grad():

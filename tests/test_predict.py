@@ -11,22 +11,12 @@ from PIL import Image
 from nin.cli import main
 from nin.data import load_split
 from nin.loader import DeviceLoader
-from nin.run import load_trained, preset, train
+from nin.run import load_trained
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, fashion_mnist):
-    cfg = preset("default")
-    cfg.data.subset, cfg.data.test_subset = 2048, 256
-    cfg.train.epochs, cfg.train.channels_last = 1, False
-    out = tmp_path_factory.mktemp("predict") / "run"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(cfg, out, progress=False)
-    finally:
-        torch.set_num_threads(before)
-    return out
+@pytest.fixture
+def run_dir(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
