@@ -75,13 +75,8 @@ def plot_cams(panels: list[list[dict]], path: str | os.PathLike, title: str = ""
 def cam_panels(trained, images: torch.Tensor, top_k: int, labels: torch.Tensor | None = None) -> list[list[dict]]:
     """One row per uint8 image ``[C, H, W]`` (stored size): the maps of its ``top_k`` classes, titled with
     class name and probability (and the true class, where ``labels`` are given)."""
-    from nin.loader import DeviceLoader
-
     check_cam_model(trained.model)
-    device = next(trained.model.parameters()).device
-    loader = DeviceLoader(images.to(device), torch.zeros(len(images), dtype=torch.long, device=device), 256,
-                          size=trained.size, mean=trained.mean, std=trained.std, whiten=trained.whitening)
-    logits, maps = zip(*(class_maps(trained.model.eval(), x) for x, _ in loader))
+    logits, maps = zip(*(class_maps(trained.model.eval(), x) for x, _ in trained.loader(images)))
     probs, maps = torch.cat(logits).float().softmax(1).cpu(), torch.cat(maps).cpu()
     k = min(top_k, probs.shape[1])
     top = probs.topk(k, dim=1)

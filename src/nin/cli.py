@@ -85,6 +85,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="NiN: global average pooling (default) or a fully connected layer over the class maps")
 
 
+def _add_checkpoint(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint directory or run directory (its latest checkpoint)")
+
+
 def _add_speed_options(g) -> None:
     g.add_argument("--amp", choices=("auto", "none", "bf16"),
                    help="bf16 autocast; auto (default): on where the device runs bf16 natively (GPUs, some CPUs)")
@@ -251,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify image files with a trained model: top-k classes and probabilities",
                        description="Classify PNG/JPEG files (any size and mode) or folders of them. Each image is "
                                    "decoded and normalized exactly as the run's training images were.")
-    p.add_argument("checkpoint", help="checkpoint directory or run directory (its latest checkpoint)")
+    _add_checkpoint(p)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     p.add_argument("--top-k", type=_positive_int, default=5, help="classes to show per image (default 5)")
     p.add_argument("--batch-size", type=_positive_int, default=256)
@@ -261,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cam", help="class activation maps of a trained NiN over image files or test images (PNG)",
                        description="Overlay each image with the class maps of its top-k classes: channel k of a "
                                    "NiN's last block, whose mean is class k's logit, upsampled to the image.")
-    p.add_argument("checkpoint", help="checkpoint directory or run directory (its latest checkpoint)")
+    _add_checkpoint(p)
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders (or use --grid)")
     p.add_argument("--top-k", type=_positive_int, default=3, help="classes per image (default 3)")
     p.add_argument("--grid", type=_positive_int, metavar="N",
@@ -275,14 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "float images [N, C, H, W] at the model's size, any N; output logits. The file "
                                    "is run on real test images and its logits compared with PyTorch's before it "
                                    "is kept.")
-    p.add_argument("checkpoint", help="checkpoint directory or run directory (its latest checkpoint)")
+    _add_checkpoint(p)
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--out", help="file to write (default: RUN/MODEL-CHECKPOINT.onnx or .pt); never overwritten")
     p.add_argument("--tolerance", type=_float, default=1e-4, help="largest allowed logit difference (default 1e-4)")
     p.add_argument("--data-dir", help="directory holding the data files (for the verification images)")
 
     p = sub.add_parser("evaluate", help="test accuracy, per-class accuracy and a confusion matrix")
-    p.add_argument("checkpoint", help="checkpoint directory or run directory (its latest checkpoint)")
+    _add_checkpoint(p)
     p.add_argument("--data-dir", help="directory holding the data files")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=_positive_int, default=1000)
@@ -591,8 +595,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_cam(args: argparse.Namespace) -> int:
     from nin.cam import cam_panels, check_cam_model, plot_cams
-    from nin.predict import decode, expand, stored_shape
-    from nin.run import SPLIT_SEED, load_trained
+    from nin.predict import decode, expand
+    from nin.run import load_trained
 
     if bool(args.images) == bool(args.grid):
         raise NinError("cam: give IMAGE files or --grid N, not both or neither")
@@ -603,13 +607,7 @@ def cmd_cam(args: argparse.Namespace) -> int:
         raise NinError(f"--out must be a .png file, got {out}")
     bad = []
     if args.grid:
-        from nin.datasets import load_splits
-
-        data = t.config.data
-        if args.data_dir:
-            data.data_dir = args.data_dir
-        channels, size = stored_shape(t)
-        test = load_splits(data, channels=channels, size=size, seed=SPLIT_SEED, splits=("test",))[0]["test"]
+        test = t.test_split(args.data_dir)
         n = min(args.grid, len(test.images))
         rows = cam_panels(t, test.images[:n], 1, test.labels[:n])
         per_row = 8
@@ -617,7 +615,7 @@ def cmd_cam(args: argparse.Namespace) -> int:
         panels = [flat[i:i + per_row] for i in range(0, len(flat), per_row)]
         title = f"{t.name}: top class map of {n} test images"
     else:
-        images, good, bad = decode(expand(args.images), *stored_shape(t))
+        images, good, bad = decode(expand(args.images), *t.stored_shape())
         for f, why in bad:
             print(f"nin: error: {f}: {why}", file=sys.stderr)
         if not good:
@@ -634,9 +632,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from nin.run import load_trained
 
     t = load_trained(args.checkpoint, "cpu")
+    out = Path(args.out) if args.out else t.path.parent.parent / f"{t.name}-{t.path.name}{FORMATS[args.format]}"
     if args.data_dir:
         t.config.data.data_dir = args.data_dir
-    out = Path(args.out) if args.out else t.path.parent.parent / f"{t.name}-{t.path.name}{FORMATS[args.format]}"
     result = export(t, args.format, out, sample_inputs(t), args.tolerance)
     print(f"wrote {result.path} ({args.format}, input images [N, {', '.join(map(str, t.model.input_size))}] "
           f"scaled 0-1, output logits [N, {len(t.classes)}])")
@@ -646,23 +644,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from nin.datasets import load_splits
-    from nin.loader import DeviceLoader
     from nin.plots import plot_confusion
-    from nin.run import SPLIT_SEED, load_trained
+    from nin.run import load_trained
     from nin.train import confusion_matrix, predict
 
     t = load_trained(args.checkpoint, args.device)
     model, path, name, dataset, classes = t.model, t.path, t.name, t.dataset, t.classes
-    data = t.config.data
-    if args.data_dir:
-        data.data_dir = args.data_dir
-    test = load_splits(data, channels=model.input_size[0], size=t.size, seed=SPLIT_SEED, splits=("test",))[0]["test"]
-    images, labels = test.images, test.labels
-    device = next(model.parameters()).device
-    loader = DeviceLoader(images.to(device), labels.to(device), args.batch_size, size=t.size, mean=t.mean, std=t.std,
-                          whiten=t.whitening)
-    preds, truth = predict(model, loader)
+    test = t.test_split(args.data_dir)
+    preds, truth = predict(model, t.loader(test.images, test.labels, args.batch_size))
     k = len(classes)
     cm = confusion_matrix(preds, truth, k)
     per_class = (cm.diag().double() / cm.sum(1).clamp(min=1)).tolist()

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from nin.errors import NinError
+from nin.loader import _per_channel
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 
@@ -51,11 +52,6 @@ class Deployable(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.whitening(images) if self.whitening is not None else (images - self.mean) / self.std
         return self.model(x)  # (N, classes) logits
-
-
-def _per_channel(values, channels: int) -> list[float]:
-    values = list(values)
-    return values * channels if len(values) == 1 else values
 
 
 @dataclass
@@ -81,18 +77,10 @@ def deployable(trained) -> Deployable:
 
 def sample_inputs(trained, n: int = 16) -> torch.Tensor:
     """``n`` real test images of the run, 0-1 at the model's input size (CPU)."""
-    import torch.nn.functional as F
+    from nin.loader import DeviceLoader
 
-    from nin.datasets import load_splits
-    from nin.predict import stored_shape
-    from nin.run import SPLIT_SEED
-
-    channels, size = stored_shape(trained)
-    test = load_splits(trained.config.data, channels=channels, size=size, seed=SPLIT_SEED, splits=("test",))[0]
-    x = test["test"].images[:n].float() / 255.0
-    if tuple(x.shape[2:]) != tuple(trained.size):
-        x = F.interpolate(x, size=tuple(trained.size), mode="bilinear", align_corners=False)
-    return x
+    images = trained.test_split().images[:n]
+    return DeviceLoader(images, torch.zeros(len(images), dtype=torch.long), n, size=trained.size).transform(images)
 
 
 def export(trained, fmt: str, out: str | os.PathLike, inputs: torch.Tensor, tolerance: float = 1e-4) -> Exported:

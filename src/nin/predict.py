@@ -46,15 +46,6 @@ def expand(paths: list[str]) -> list[Path]:
     return files
 
 
-def stored_shape(trained) -> tuple[int, tuple[int, int]]:
-    """Channels and (H, W) the run's training images were stored at before its pipeline resized them."""
-    from nin.datasets import NAMES
-
-    channels = trained.model.input_size[0]
-    info = NAMES.get(trained.dataset)
-    return channels, (tuple(info.image_shape[1:]) if info else tuple(trained.size))
-
-
 def decode(files: list[Path], channels: int, size: tuple[int, int]):
     """uint8 ``[N, C, H, W]`` of the files that decode, their paths, and (path, reason) for those that do not."""
     from nin.folder import DECODE_ERRORS, _decode_reason, decode_image
@@ -79,18 +70,13 @@ def decode(files: list[Path], channels: int, size: tuple[int, int]):
 @torch.inference_mode()
 def predict_files(trained, paths: list[str | os.PathLike], top_k: int = 5, batch_size: int = 256):
     """Top-``top_k`` classes of each readable file; returns (predictions, [(file, reason), ...])."""
-    from nin.loader import DeviceLoader
-
     if top_k < 1:
         raise NinError(f"--top-k must be at least 1, got {top_k}")
     files = expand([str(p) for p in paths])
-    channels, size = stored_shape(trained)
-    images, good, bad = decode(files, channels, size)
+    images, good, bad = decode(files, *trained.stored_shape())
     if not good:
         return [], bad
-    device = next(trained.model.parameters()).device
-    loader = DeviceLoader(images.to(device), torch.zeros(len(images), dtype=torch.long, device=device), batch_size,
-                          size=trained.size, mean=trained.mean, std=trained.std, whiten=trained.whitening)
+    loader = trained.loader(images, batch_size=batch_size)
     model = trained.model.eval()
     k = min(top_k, len(trained.classes))
     probs = torch.cat([model(x).float().softmax(1) for x, _ in loader]).cpu()

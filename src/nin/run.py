@@ -192,6 +192,17 @@ def _subset(images, labels, n: int | None, seed: int, what: str):
     return images[idx], labels[idx]
 
 
+def model_options(cfg: RunConfig) -> dict[str, Any]:
+    """``create_model`` overrides of a run: its own, the input size it is fed, the data set's channels."""
+    options = dict(cfg.model.options)
+    if cfg.data.resize:  # the model is built for the size it is fed (a classic model's first FC layer depends on it)
+        options["input_size"] = (cfg.data.resize, cfg.data.resize)
+    shape = image_shape(cfg.data.dataset)
+    if shape is not None:
+        options.setdefault("in_channels", shape[0])
+    return options
+
+
 def build(cfg: RunConfig, *, init: bool = True) -> Built:
     """Model and loaders for ``cfg``. ``init=False`` skips weight init (the weights come from a checkpoint).
 
@@ -203,13 +214,8 @@ def build(cfg: RunConfig, *, init: bool = True) -> Built:
     d = cfg.data
     if d.resize is not None and d.resize < 1:
         raise NinError(f"--resize must be a positive size, got {d.resize}")
-    options = dict(cfg.model.options)
-    if d.resize:  # the model is built for the size it is fed (a classic model's first FC layer depends on it)
-        options["input_size"] = (d.resize, d.resize)
+    options = model_options(cfg)
     entry = model_entry(cfg.model.name)
-    shape = image_shape(d.dataset)
-    if shape is not None:
-        options.setdefault("in_channels", shape[0])
     channels = options.get("in_channels", entry.input_size[0])
     size = tuple(options.get("input_size", entry.input_size[1:]))
     splits, skipped = load_splits(d, channels=channels, size=size, seed=SPLIT_SEED)
@@ -393,6 +399,28 @@ class Trained:
     classes: list[str]
     config: RunConfig  # the run's configuration (its data settings rebuild the test split)
     whitening: Any = None  # nin.whiten.Whitening of a --whiten run, applied instead of mean/std
+
+    def stored_shape(self) -> tuple[int, tuple[int, int]]:
+        """Channels and (H, W) of the run's images as stored, before its pipeline resizes them:
+        the data set's own size (28x28 for Fashion-MNIST), or the model's for an image folder."""
+        shape = image_shape(self.dataset)
+        return self.model.input_size[0], (tuple(shape[1:]) if shape else tuple(self.size))
+
+    def test_split(self, data_dir: str | None = None):
+        """The run's test images (uint8, stored size) and labels, as its training run held them out."""
+        data = copy.deepcopy(self.config.data)
+        if data_dir:
+            data.data_dir = data_dir
+        channels, size = self.stored_shape()
+        return load_splits(data, channels=channels, size=size, seed=SPLIT_SEED, splits=("test",))[0]["test"]
+
+    def loader(self, images: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int = 256) -> DeviceLoader:
+        """uint8 images (stored size) in batches through the run's own pipeline (resize, normalize or whiten)."""
+        device = next(self.model.parameters()).device
+        if labels is None:
+            labels = torch.zeros(len(images), dtype=torch.long)
+        return DeviceLoader(images.to(device), labels.to(device), batch_size, size=self.size, mean=self.mean,
+                            std=self.std, whiten=self.whitening)
 
 
 def load_trained(checkpoint: str | os.PathLike, device: str = "auto") -> Trained:

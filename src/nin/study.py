@@ -302,17 +302,11 @@ def _read_history(run_dir: Path) -> list[dict[str, float]]:
 
 def _model_cost(cfg) -> tuple[int, int]:
     """Parameters and forward multiply-accumulates per image of the run's model."""
-    from nin.datasets import image_shape
     from nin.models import create_model
     from nin.profile import count_flops
+    from nin.run import model_options
 
-    options = dict(cfg.model.options)
-    shape = image_shape(cfg.data.dataset)
-    if shape is not None:
-        options.setdefault("in_channels", shape[0])
-    if cfg.data.resize:
-        options["input_size"] = (cfg.data.resize, cfg.data.resize)
-    model = create_model(cfg.model.name, **options)
+    model = create_model(cfg.model.name, **model_options(cfg))
     return sum(p.numel() for p in model.parameters()), count_flops(model) // 2
 
 

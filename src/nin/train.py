@@ -237,13 +237,10 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything but the weights needed to continue exactly: optimizer, position, RNG, history."""
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
             "optimizer": self.optimizer.state_dict(),
             "position": asdict(self.pos),
-            "rng": rng,
+            "rng": _rng_state(),
             "history": self.history,
             "config": asdict(self.config),
             "lr_scale": self.lr_scale,
@@ -256,9 +253,7 @@ class Trainer:
         self.history = list(state["history"])
         self.lr_scale = float(state.get("lr_scale", 1.0))
         self.rollbacks = list(state.get("rollbacks", []))
-        torch.set_rng_state(state["rng"]["cpu"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        _set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> list[dict[str, float]]:
@@ -289,9 +284,8 @@ class Trainer:
 
     def _snapshot(self) -> dict[str, Any]:
         """A copy of everything an epoch changes: weights and buffers, optimizer, position, RNG."""
-        state = self.state_dict()
-        return copy.deepcopy({"model": self.model.state_dict(), "optimizer": state["optimizer"],
-                              "position": state["position"], "rng": state["rng"]})
+        return copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                              "position": asdict(self.pos), "rng": _rng_state()})
 
     def _roll_back(self, snapshot: dict[str, Any], e: Diverged) -> None:
         """Restore ``snapshot`` and lower the learning rate, or re-raise once the rollbacks are spent."""
@@ -302,9 +296,7 @@ class Trainer:
         self.model.load_state_dict(snapshot["model"])
         self.optimizer.load_state_dict(snapshot["optimizer"])
         self.pos = _Position(**copy.deepcopy(snapshot["position"]))
-        torch.set_rng_state(snapshot["rng"]["cpu"])
-        if "cuda" in snapshot["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(snapshot["rng"]["cuda"])
+        _set_rng_state(snapshot["rng"])
         self.lr_scale *= cfg.rollback_factor
         loss = e.loss if math.isfinite(e.loss) else str(e.loss)  # "nan"/"inf": the log stays strict JSON
         event = {"step": e.step, "epoch": e.epoch + 1, "loss": loss, "resumed_at_step": self.pos.step,
@@ -390,6 +382,19 @@ class Trainer:
         self.history.append(metrics)
         self.pos = _Position(epoch=pos.epoch + 1, batch=0, step=pos.step)
         return metrics
+
+
+def _rng_state() -> dict[str, Any]:
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
