@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -74,7 +75,7 @@ def test_a_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
 
     real = ckpt.save_file
     monkeypatch.setattr(ckpt, "save_file", flaky)
-    with pytest.raises(OSError):
+    with pytest.raises(ckpt.CheckpointError, match="c: could not write the checkpoint .no space left on device"):
         ckpt.save_checkpoint(tmp_path / "c", trained_like(), {"t": torch.ones(2)}, {})
     assert list(tmp_path.iterdir()) == []
 
@@ -91,10 +92,37 @@ def test_truncated_weights_are_an_error(saved):
         ckpt.load_weights(saved, create_model("nin28"))
 
 
-def test_garbage_weights_are_an_error(saved):
+def test_garbage_weights_fail_the_checksum(saved):
     (saved / "model.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(CheckpointError, match="unreadable"):
+    with pytest.raises(CheckpointError, match="model.safetensors: contents do not match the checksum"):
         ckpt.load_weights(saved, create_model("nin28"))
+
+
+def test_garbage_weights_with_a_matching_checksum_are_unreadable(saved):
+    garbage = b"\x00" * 64
+    (saved / "model.safetensors").write_bytes(garbage)
+    meta = json.loads((saved / "meta.json").read_text())
+    meta["files"]["model.safetensors"]["sha256"] = hashlib.sha256(garbage).hexdigest()
+    (saved / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="unreadable safetensors"):
+        ckpt.load_weights(saved, create_model("nin28"))
+
+
+def test_a_flipped_bit_in_the_state_is_caught_before_loading(saved):
+    f = saved / "state.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1  # a tensor value, not the header: still a valid safetensors file
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="state.safetensors: contents do not match the checksum"):
+        ckpt.load_state(saved)
+
+
+def test_meta_without_checksums_is_refused(saved):
+    meta = json.loads((saved / "meta.json").read_text())
+    del meta["files"]
+    (saved / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="missing the checksums"):
+        ckpt.read_meta(saved)
 
 
 def test_weights_of_another_model_are_refused_without_partial_load(saved):

@@ -211,9 +211,10 @@ def test_train_writes_metrics_curves_config_and_a_checkpoint(smoke_run):
     assert {"train_loss", "train_acc", "test_acc", "examples_per_sec", "wall_time", "lr"} <= set(header)
     assert (smoke_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((smoke_run / "config.json").read_text())["env"]["torch"] == torch.__version__
-    (ck,) = (smoke_run / "checkpoints").iterdir()
+    (ck,) = (smoke_run / "checkpoints").glob("step-*")
     assert ck.name == "step-0000008" and {p.name for p in ck.iterdir()} == {
         "model.safetensors", "state.safetensors", "meta.json"}
+    assert (smoke_run / "checkpoints" / "best").resolve() == ck.resolve()  # the only epoch is the best so far
 
 
 def test_evaluate_reports_per_class_accuracy_and_a_confusion_png(capsys, smoke_run, tmp_path):
@@ -244,19 +245,19 @@ def test_stop_early_then_resume_continues_the_run(capsys, tmp_path, fashion_mnis
     code, stdout, err = run(capsys, "train", *SMOKE, "--max-steps", "3", "--out", str(out))
     assert code == 0, err
     assert "stopped before the end of the first epoch" in stdout
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000003"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000003"]  # no epoch ended: no best
     code, stdout, err = run(capsys, "train", "--resume", str(out), "--epochs", "2", "--quiet")
     assert code == 0, err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["step"] == 16
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "step-0000003", "step-0000008", "step-0000016"]
+        "best", "step-0000003", "step-0000008", "step-0000016"]
 
 
 def test_evaluate_a_corrupt_checkpoint_is_one_line(capsys, tmp_path, smoke_run):
     import shutil
 
-    (ck,) = (smoke_run / "checkpoints").iterdir()
+    (ck,) = (smoke_run / "checkpoints").glob("step-*")
     bad = tmp_path / "bad"
     shutil.copytree(ck, bad)
     weights = bad / "model.safetensors"

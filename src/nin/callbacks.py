@@ -6,18 +6,21 @@ In a distributed run only the main process (rank 0) writes anything.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
+import math
 import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
 from tqdm import tqdm
 
-from nin.checkpoint import list_checkpoints, save_checkpoint
+from nin.checkpoint import best_checkpoint, list_checkpoints, remove_stale, save_checkpoint, set_best
+from nin.distributed import agree, is_main_process
+from nin.errors import NinError
 from nin.plots import plot_curves
 from nin.train import Callback, Trainer
 
@@ -25,10 +28,6 @@ METRIC_FIELDS = (
     "epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
     "examples_per_sec", "epoch_time", "wall_time",
 )
-
-
-def is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def format_metrics(m: dict[str, float], epochs: int) -> str:
@@ -86,9 +85,18 @@ class ProgressBar(Callback):
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` whole (a temporary file, flushed, renamed); an OSError becomes a NinError."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise NinError(f"{path}: could not write it ({why}); the previous version is intact") from None
 
 
 class MetricsWriter(Callback):
@@ -98,14 +106,15 @@ class MetricsWriter(Callback):
         self.run_dir = Path(run_dir)
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        if not is_main_process():
-            return
+        agree(lambda: self.write(trainer.history), run_here=is_main_process())
+
+    def write(self, history: list[dict[str, float]]) -> None:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
-        w.writerows(trainer.history)
+        w.writerows(history)
         _write_atomic(self.run_dir / "metrics.csv", buf.getvalue())
-        _write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in trainer.history))
+        _write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
 
 class RollbackLog(Callback):
@@ -115,10 +124,11 @@ class RollbackLog(Callback):
         self.run_dir, self.file = Path(run_dir), file
 
     def on_rollback(self, trainer: Trainer, event: dict[str, float]) -> None:
-        if not is_main_process():
-            return
-        tqdm.write(format_rollback(event), file=self.file or sys.stderr)
-        _write_atomic(self.run_dir / "rollbacks.jsonl", "".join(json.dumps(e) + "\n" for e in trainer.rollbacks))
+        def write() -> None:
+            tqdm.write(format_rollback(event), file=self.file or sys.stderr)
+            _write_atomic(self.run_dir / "rollbacks.jsonl", "".join(json.dumps(e) + "\n" for e in trainer.rollbacks))
+
+        agree(write, run_here=is_main_process())
 
 
 class CurvePlotter(Callback):
@@ -128,38 +138,81 @@ class CurvePlotter(Callback):
         self.run_dir, self.title = Path(run_dir), title
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        if is_main_process():
-            plot_curves(trainer.history, self.run_dir / "curves.png", self.title)
+        agree(self.plot_history(trainer.history), run_here=is_main_process())
+
+    def plot_history(self, history: list[dict[str, float]]):
+        def plot() -> None:
+            path = self.run_dir / "curves.png"
+            try:
+                plot_curves(history, path, self.title)
+            except OSError as e:
+                why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+                raise NinError(f"{path}: could not write it ({why})") from None
+
+        return plot
 
 
 class Checkpointer(Callback):
-    """A checkpoint after each epoch (and where a run stops early), keeping the last ``keep_last``."""
+    """Checkpoints of a run: after each epoch, every ``every_steps`` steps, and where a run stops early.
 
-    def __init__(self, run_dir: str | os.PathLike, meta: dict[str, Any], keep_last: int = 3) -> None:
+    Keeps the newest ``keep_last`` (0: all) and, apart from them, the one with the best ``monitor``
+    value (``checkpoints/best`` links to it). In a distributed run every process takes part in
+    gathering the state, and only the main process writes; a failed write stops every process.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, meta: dict[str, Any], keep_last: int = 3,
+                 every_steps: int | None = None, monitor: str = "test_acc") -> None:
+        if keep_last < 0:
+            raise NinError(f"keep_last must be >= 0 (0 keeps every checkpoint), got {keep_last}")
+        if every_steps is not None and every_steps < 1:
+            raise NinError(f"checkpoint interval must be at least 1 step, got {every_steps}")
         self.run_dir = Path(run_dir)
         self.meta = meta
-        self.keep_last = keep_last
+        self.keep_last, self.every_steps, self.monitor = keep_last, every_steps, monitor
         self.last_path: Path | None = None
+        self.best_path: Path | None = None
+        self.best_value = -math.inf
 
     def on_fit_start(self, trainer: Trainer) -> None:
+        if is_main_process():
+            remove_stale(self.run_dir)
         found = list_checkpoints(self.run_dir)
         self.last_path = found[-1] if found else None
+        self.best_path = best_checkpoint(self.run_dir)
+        if self.best_path is not None:  # the value it was chosen for, from the run's history
+            step = int(self.best_path.name[5:])
+            values = [h[self.monitor] for h in trainer.history if h.get("step") == step and self.monitor in h]
+            self.best_value = values[0] if values else -math.inf
+
+    def on_step_end(self, trainer: Trainer, loss) -> None:
+        # The last step of an epoch is saved after its evaluation, by on_epoch_end.
+        if (self.every_steps and trainer.step % self.every_steps == 0
+                and trainer.pos.batch < len(trainer.train_loader)):
+            self.save(trainer)
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        self.save(trainer)
+        self.save(trainer, metrics.get(self.monitor))
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if trainer.pos.batch:  # stopped inside an epoch: keep that position too
             self.save(trainer)
 
-    def save(self, trainer: Trainer) -> Path | None:
-        if not is_main_process():
-            return None
+    def save(self, trainer: Trainer, value: float | None = None) -> Path | None:
         path = self.run_dir / "checkpoints" / f"step-{trainer.step:07d}"
-        if path.exists():  # already saved at this step (e.g. resumed and stopped again at once)
-            self.last_path = path
-            return path
-        self.last_path = save_checkpoint(path, trainer.model, trainer.state_dict(), self.meta)
-        for old in list_checkpoints(self.run_dir)[: -self.keep_last] if self.keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        state = trainer.state_dict()  # every process: it gathers each one's RNG state
+
+        def write() -> Path:
+            if path.exists():  # already saved at this step (e.g. resumed and stopped again at once)
+                return path
+            saved = save_checkpoint(path, trainer.model, state, self.meta)
+            if value is not None and value > self.best_value:
+                self.best_value, self.best_path = value, saved
+                set_best(self.run_dir, saved)
+            keep = list_checkpoints(self.run_dir)[-self.keep_last:] if self.keep_last else []
+            for old in list_checkpoints(self.run_dir) if self.keep_last else []:
+                if old not in keep and old != self.best_path:
+                    shutil.rmtree(old, ignore_errors=True)
+            return saved
+
+        self.last_path = agree(write, run_here=is_main_process()) or path
         return self.last_path

@@ -1,16 +1,25 @@
 """Checkpoints that load without executing anything from the file.
 
-A checkpoint is a directory written atomically (built under a temporary name,
-then renamed into place):
+A checkpoint is a directory written atomically: built under a temporary name
+next to its final place, every file flushed to disk, then renamed into place, so
+a crash at any moment leaves either the whole new checkpoint or none of it, and
+the previous checkpoints untouched:
 
 - ``model.safetensors``: the weights and buffers;
 - ``state.safetensors``: every tensor of the trainer state (optimizer buffers, RNG states);
 - ``meta.json``: everything else (model name and options, data settings, the
-  trainer's counters, history, and where each tensor of the state goes).
+  trainer's counters, history, where each tensor of the state goes) and the
+  SHA-256 of both tensor files, checked on every load.
+
+Nothing is unpickled: safetensors holds only tensors and JSON only plain values.
+A run keeps its checkpoints in ``RUN/checkpoints/step-NNNNNNN/``; ``best`` there
+is a symbolic link to the one with the highest test accuracy.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -20,13 +29,17 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 from torch import nn
 
 from nin.errors import NinError
 
 FORMAT = "nin-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: meta.json records the SHA-256 of the tensor files
+READABLE = (1, 2)
+TENSOR_FILES = ("model.safetensors", "state.safetensors")
+BEST = "best"  # RUN/checkpoints/best -> step-NNNNNNN
 FILES = ("model.safetensors", "state.safetensors", "meta.json")
 
 
@@ -59,29 +72,106 @@ def _join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
+def _fsync_file(file: Path) -> None:
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not every system can open a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _os_error(path: Path, e: OSError) -> CheckpointError:
+    why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    return CheckpointError(f"{path}: could not write the checkpoint ({why}); earlier checkpoints are intact")
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Write a checkpoint directory at ``path``; an existing one is never overwritten."""
+    """Write a checkpoint directory at ``path``; an existing one is never overwritten.
+
+    Written under a temporary name, flushed, then renamed: a failure (a full disk, a crash)
+    leaves no partial checkpoint. An OSError becomes a :class:`CheckpointError` naming the path.
+    """
     path = Path(path)
     if path.exists():
         raise CheckpointError(f"{path}: already exists; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(weights, tmp / "model.safetensors")
         tensors: dict[str, torch.Tensor] = {}
         skeleton = _split(state, tensors, "s")
         save_file(tensors, tmp / "state.safetensors")
-        doc = {"format": FORMAT, "version": VERSION, **meta, "state": skeleton}
+        files = {}
+        for name in TENSOR_FILES:
+            _fsync_file(tmp / name)
+            files[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+        doc = {"format": FORMAT, "version": VERSION, **meta, "files": files, "state": skeleton}
         with open(tmp / "meta.json", "w") as f:
             json.dump(doc, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        _fsync_dir(tmp)
         os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise _os_error(path, e) from None
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def remove_stale(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary directories of checkpoints a crash interrupted; return them."""
+    root = Path(run_dir) / "checkpoints"
+    stale = [p for p in root.glob(".step-*") if p.is_dir()] if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def set_best(run_dir: str | os.PathLike, checkpoint: Path) -> Path:
+    """Point ``RUN/checkpoints/best`` at ``checkpoint`` (atomically: a new link renamed over the old one)."""
+    root = Path(run_dir) / "checkpoints"
+    link, tmp = root / BEST, root / f".{BEST}.tmp"
+    try:
+        tmp.unlink(missing_ok=True)
+        os.symlink(checkpoint.name, tmp, target_is_directory=True)
+        os.replace(tmp, link)
+        _fsync_dir(root)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _os_error(link, e) from None
+    return link
+
+
+def best_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint ``RUN/checkpoints/best`` points at, if there is one and it is complete."""
+    link = Path(run_dir) / "checkpoints" / BEST
+    if not link.is_symlink():
+        return None
+    target = link.parent / os.readlink(link)
+    return target if all((target / f).is_file() for f in FILES) else None
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -98,22 +188,37 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path / 'meta.json'}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path / 'meta.json'}: not a nin checkpoint")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {meta.get('version')} is not supported (expected {VERSION})")
+    if meta.get("version") not in READABLE:
+        raise CheckpointError(f"{path}: checkpoint version {meta.get('version')!r} is not supported "
+                              f"(this nin reads versions {', '.join(map(str, READABLE))})")
+    if meta["version"] >= 2:
+        files = meta.get("files")
+        if not (isinstance(files, dict) and all(isinstance(files.get(f), dict)
+                                                and isinstance(files[f].get("sha256"), str) for f in TENSOR_FILES)):
+            raise CheckpointError(f"{path / 'meta.json'}: missing the checksums of {' and '.join(TENSOR_FILES)}")
     return meta
 
 
-def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+def _load_tensors(file: Path, meta: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    """The tensors in ``file``, after checking its SHA-256 against ``meta`` (version 2 checkpoints)."""
     try:
-        return load_file(file)
-    except (SafetensorError, OSError, ValueError) as e:
+        data = file.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read it ({e.strerror or e})") from None
+    expected = ((meta or {}).get("files") or {}).get(file.name, {}).get("sha256")
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise CheckpointError(f"{file}: contents do not match the checksum in meta.json "
+                              "(the file was changed or damaged after it was saved)")
+    try:
+        return load_bytes(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
 
 
-def load_weights(path: str | os.PathLike, model: nn.Module) -> None:
+def load_weights(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None) -> None:
     """Load a checkpoint's weights into ``model``; any mismatch is an error, never a partial load."""
     file = Path(path) / "model.safetensors"
-    weights = _load_tensors(file)
+    weights = _load_tensors(file, meta if meta is not None else read_meta(path))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
@@ -134,11 +239,13 @@ def load_state(path: str | os.PathLike, meta: dict[str, Any] | None = None) -> d
     """The trainer state saved with a checkpoint."""
     path = Path(path)
     meta = meta or read_meta(path)
-    tensors = _load_tensors(path / "state.safetensors")
+    tensors = _load_tensors(path / "state.safetensors", meta)
     try:
         return _join(meta["state"], tensors)
     except KeyError as e:
         raise CheckpointError(f"{path}: state.safetensors lacks tensor {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path / 'meta.json'}: malformed trainer state ({e})") from None
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -146,8 +253,9 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith("step-") and all((p / f).is_file() for f in FILES)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    found = [p for p in root.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit()
+             and not p.is_symlink() and all((p / f).is_file() for f in FILES)]
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def resolve(path: str | os.PathLike) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -230,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--out", help="run directory (default runs/MODEL-DATE); must not exist yet")
     g.add_argument("--resume", metavar="RUN_OR_CHECKPOINT", help="continue a run from its latest checkpoint")
+    g.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
+                   help="also save a checkpoint every N steps inside an epoch (default: at each epoch's end only)")
+    g.add_argument("--keep-last", type=_nonneg_int, metavar="N",
+                   help="keep the newest N checkpoints (default 3; 0 keeps all); the best one is always kept")
     g.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
 
     p = sub.add_parser("study", help="run one of the seed's exercises over seeds; a report with tables and figures",
@@ -493,9 +498,21 @@ _DATA_FIELDS = ("dataset", "data_dir", "download", "verify", "subset", "test_sub
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from nin.run import configure_runtime, preset, summary_line, train
+    from nin import distributed
+    from nin.run import configure_runtime
 
     configure_runtime(args.threads)
+    distributed.setup(args.device or "auto")  # under torchrun: join the other processes
+    try:
+        return _train(args)
+    finally:
+        distributed.teardown()
+
+
+def _train(args: argparse.Namespace) -> int:
+    from nin.distributed import current
+    from nin.run import preset, summary_line, train
+
     if args.config:
         from nin.config import load_config
 
@@ -522,16 +539,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     for f in _TRAIN_FIELDS:
         if getattr(args, f) is not None:
             setattr(cfg.train, f, getattr(args, f))
+    if args.checkpoint_every is not None:
+        cfg.checkpoint.every_steps = args.checkpoint_every
+    if args.keep_last is not None:
+        cfg.checkpoint.keep_last = args.keep_last
     if args.seed is not None:
         cfg.seed = args.seed
     if args.device:
         cfg.device = args.device
 
-    result = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    main = current().is_main
+    keep = {"epochs": args.epochs, "max_steps": args.max_steps, "device": args.device} if args.resume else None
+    result = train(cfg, args.out, resume=args.resume, keep=keep, progress=not args.quiet and main,
+                   handle_signals=True)
+    if not main:
+        return 0
     if result.skipped:
         names = ", ".join(f for f, _ in result.skipped[:5]) + (" ..." if len(result.skipped) > 5 else "")
         print(f"nin: warning: skipped {len(result.skipped)} undecodable image(s): {names} "
               f"(listed in {result.run_dir / 'config.json'})", file=sys.stderr)
+    if result.signals:
+        name = signal.Signals(result.signals[0]).name
+        t = result.trainer
+        print(f"stopped by {name} at step {t.step} (epoch {t.epoch + 1}, batch {t.pos.batch}); "
+              f"checkpoint: {result.checkpoint}\nto continue: nin train --resume {result.run_dir}", file=sys.stderr)
+        return 128 + result.signals[0]
     if not result.history:
         print(f"stopped before the end of the first epoch; checkpoint: {result.checkpoint}")
         return 0
@@ -540,7 +572,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         n, scale = len(result.trainer.rollbacks), result.trainer.lr_scale
         print(f"rolled back {n} time(s) after a non-finite loss; the learning rate ended x{scale:g} "
               f"(log: {result.run_dir / 'rollbacks.jsonl'})")
-    print(f"run directory: {result.run_dir}  (checkpoint: {result.checkpoint})")
+    best = f", best: {result.best}" if result.best is not None and result.best != result.checkpoint else ""
+    print(f"run directory: {result.run_dir}  (checkpoint: {result.checkpoint}{best})")
     return 0
 
 
@@ -750,12 +783,28 @@ COMMANDS = {"models": cmd_models, "datasets": cmd_datasets, "shapes": cmd_shapes
             "predict": cmd_predict, "cam": cmd_cam, "export": cmd_export, "bench": cmd_bench}
 
 
+def _reports(e: NinError) -> bool:
+    """Whether this process prints ``e``: under torchrun every process raises the same error and only the
+    main one prints it, unless the error is this process's own (``ProcessError``)."""
+    from nin.distributed import ProcessError, from_environment
+
+    try:
+        return isinstance(e, ProcessError) or from_environment().is_main
+    except NinError:
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        from nin.distributed import from_environment
+
+        if from_environment().distributed and args.command != "train":
+            raise NinError(f"nin {args.command} runs in one process; only nin train runs under torchrun")
         return COMMANDS[args.command](args)
     except NinError as e:
-        print(f"nin: error: {e}", file=sys.stderr)
+        if _reports(e):
+            print(f"nin: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("nin: interrupted", file=sys.stderr)

@@ -36,8 +36,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         names = list(seq._modules)
         for a, b in zip(names, names[1:]):
             conv, bn = seq._modules[a], seq._modules[b]
-            if (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats
-                    and bn.running_mean is not None):
+            if (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.modules.batchnorm._BatchNorm)
+                    and bn.track_running_stats and bn.running_mean is not None):
                 seq._modules[a] = fuse_conv_bn_eval(conv, bn)
                 seq._modules[b] = nn.Identity()
     if channels_last:

@@ -21,12 +21,13 @@ import torch
 from torch import nn
 
 from nin import checkpoint as ckpt
+from nin import distributed
 from nin.callbacks import Checkpointer, CurvePlotter, MetricsWriter, ProgressBar, RollbackLog
 from nin.datasets import DataConfig, image_shape, load_splits
 from nin.errors import NinError
 from nin.loader import Augment, DeviceLoader, channel_stats
 from nin.models import DEFAULT_MODEL, create_model, init_weights, model_entry
-from nin.train import Callback, Diverged, TrainConfig, Trainer
+from nin.train import Callback, Diverged, TrainConfig, Trainer, stop_on_signals
 
 
 @dataclass
@@ -37,10 +38,23 @@ class ModelConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int | None = None  # also save every N steps inside an epoch (besides each epoch's end)
+    keep_last: int = 3  # newest checkpoints kept (0: all); the best one is kept as well
+
+    def validate(self) -> None:
+        if self.every_steps is not None and self.every_steps < 1:
+            raise NinError(f"checkpoint interval must be at least 1 step, got {self.every_steps}")
+        if self.keep_last < 0:
+            raise NinError(f"keep_last must be >= 0 (0 keeps every checkpoint), got {self.keep_last}")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 0
     device: str = "auto"
 
@@ -155,14 +169,22 @@ def configure_runtime(threads: int | None = None) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device ``name`` means here; in a distributed run, ``auto``/``cuda`` is this process's local-rank GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise NinError(f"device {name!r} requested but CUDA is not available (torch {torch.__version__})")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise NinError(f"unknown device {name!r}; use auto, cpu or cuda") from None
+    env = distributed.current()
+    if env.distributed and device.type == "cuda":
+        if device.index is not None:
+            raise NinError(f"--device {name} names one GPU; in a distributed run each process takes the GPU of "
+                           "its LOCAL_RANK: pass --device cuda")
+        device = torch.device("cuda", env.local_rank)
+    return device
 
 
 @dataclass
@@ -210,7 +232,9 @@ def build(cfg: RunConfig, *, init: bool = True) -> Built:
     (``in_channels``, ``num_classes``); an image folder is decoded to the model's channels and size.
     """
     cfg.train.validate()
+    cfg.checkpoint.validate()
     device = resolve_device(cfg.device)
+    env = distributed.current()
     d = cfg.data
     if d.resize is not None and d.resize < 1:
         raise NinError(f"--resize must be a positive size, got {d.resize}")
@@ -218,7 +242,8 @@ def build(cfg: RunConfig, *, init: bool = True) -> Built:
     entry = model_entry(cfg.model.name)
     channels = options.get("in_channels", entry.input_size[0])
     size = tuple(options.get("input_size", entry.input_size[1:]))
-    splits, skipped = load_splits(d, channels=channels, size=size, seed=SPLIT_SEED)
+    # One process per machine reads (and if need be downloads and caches) the data first, then the others.
+    splits, skipped = distributed.main_first(lambda: load_splits(d, channels=channels, size=size, seed=SPLIT_SEED))
     train_split, test_split = splits["train"], splits["test"]
     classes = train_split.classes
     options.setdefault("num_classes", len(classes))
@@ -257,11 +282,17 @@ def build(cfg: RunConfig, *, init: bool = True) -> Built:
         whitening = fit_whitening(x_train, seed=cfg.seed).to(device)
     common = dict(size=size, mean=mean, std=std, whiten=whitening,
                   channels_last=cfg.train.resolved(device).channels_last)
+    # Every process holds the training set and takes its own slice of each global batch (batch_size each);
+    # the test set is cut into one contiguous share per process, and the evaluation sums are all-reduced.
     train_loader = DeviceLoader(
         x_train.to(device), y_train.to(device), cfg.train.batch_size, shuffle=True, seed=cfg.seed,
-        augment=Augment(d.crop_padding, d.flip), **common,
+        augment=Augment(d.crop_padding, d.flip), rank=env.rank, world_size=env.world_size, **common,
     )
-    test_loader = DeviceLoader(x_test.to(device), y_test.to(device), cfg.train.eval_batch_size, **common)
+    lo, hi = len(x_test) * env.rank // env.world_size, len(x_test) * (env.rank + 1) // env.world_size
+    test_loader = DeviceLoader(x_test[lo:hi].to(device), y_test[lo:hi].to(device), cfg.train.eval_batch_size,
+                               **common)
+    if env.rank:  # dropout masks differ between processes (the weights are the same: DDP copies rank 0's)
+        torch.manual_seed(cfg.seed + 1_000_003 * env.rank)
     meta = {
         "model": {"name": cfg.model.name, "options": options},
         "data": {"dataset": d.dataset, "size": list(size), "mean": list(mean), "std": list(std),
@@ -324,6 +355,39 @@ class Result:
     checkpoint: Path | None
     trainer: Trainer
     skipped: list[tuple[str, str]] = field(default_factory=list)  # image files left out as undecodable
+    best: Path | None = None  # the checkpoint with the best test accuracy
+    signals: list[int] = field(default_factory=list)  # SIGINT/SIGTERM received (handle_signals=True): stopped early
+
+
+@dataclass
+class _Start:
+    """What the main process reads or creates before a run starts, shared with every process."""
+
+    cfg: RunConfig
+    run_dir: Path
+    checkpoint: Path | None = None
+    meta: dict[str, Any] | None = None
+    state: dict[str, Any] | None = None
+
+
+def _start(cfg: RunConfig, out, resume, keep: dict[str, Any] | None) -> _Start:
+    if resume is None:
+        return _Start(cfg, prepare_run_dir(Path(out) if out is not None else default_run_dir(cfg)))
+    ck = ckpt.resolve(resume)
+    run_dir = ck.parent.parent
+    saved = load_run_config(run_dir)
+    if keep is None:  # the caller's cfg decides epochs, max_steps and device
+        keep = {"epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps, "device": cfg.device}
+    if keep.get("epochs") is not None:
+        saved.train.epochs = keep["epochs"]
+    saved.train.max_steps = keep.get("max_steps")  # a step limit applies to the command that set it
+    if keep.get("device") is not None:
+        saved.device = keep["device"]
+    meta = ckpt.read_meta(ck)
+    name = (meta.get("model") or {}).get("name") if isinstance(meta.get("model"), dict) else None
+    if name != saved.model.name:
+        raise ckpt.CheckpointError(f"{ck}: holds a {name!r} model, the run is {saved.model.name!r}")
+    return _Start(saved, run_dir, ck, meta, ckpt.load_state(ck, meta))
 
 
 def train(
@@ -331,58 +395,74 @@ def train(
     out: str | os.PathLike | None = None,
     *,
     resume: str | os.PathLike | None = None,
+    keep: dict[str, Any] | None = None,
     callbacks: list[Callback] | None = None,
     progress: bool = True,
+    handle_signals: bool = False,
 ) -> Result:
     """Train a run from ``cfg`` into a new run directory, or continue one with ``resume``.
 
     ``resume`` is a run directory (its latest checkpoint) or a checkpoint directory;
-    the run continues in its own run directory with the saved configuration,
-    except for ``cfg.train.epochs`` and ``cfg.train.max_steps``, which may be changed.
+    the run continues in its own run directory with its saved configuration. ``keep``
+    sets what may change: ``epochs`` and ``device`` (None: as saved) and ``max_steps``
+    (None: no limit); without ``keep`` they are taken from ``cfg``.
+
+    ``handle_signals``: SIGINT or SIGTERM stops the run after the current step with a
+    checkpoint (``Result.signals`` lists them); a second signal stops at once.
+
+    Under ``torchrun`` (after :func:`nin.distributed.setup`) every process calls this:
+    the main process creates the run directory or reads the checkpoint and shares it,
+    and only it writes files.
     """
-    if resume is not None:
-        ck = ckpt.resolve(resume)
-        run_dir = ck.parent.parent
-        saved = load_run_config(run_dir)
-        saved.train.epochs, saved.train.max_steps = cfg.train.epochs, cfg.train.max_steps
-        saved.device = cfg.device
-        cfg = saved
-        built = build(cfg, init=False)
-        meta = ckpt.read_meta(ck)
-        if meta.get("model", {}).get("name") != cfg.model.name:
-            raise ckpt.CheckpointError(f"{ck}: holds a {meta.get('model', {}).get('name')!r} model, "
-                                       f"the run is {cfg.model.name!r}")
-        ckpt.load_weights(ck, built.model)
-        state = ckpt.load_state(ck, meta)
-    else:
-        run_dir = prepare_run_dir(Path(out) if out is not None else default_run_dir(cfg))
-        built = build(cfg)
-        state = None
+    start = distributed.on_main(lambda: _start(cfg, out, resume, keep))
+    cfg, run_dir = start.cfg, start.run_dir
+    built = build(cfg, init=start.checkpoint is None)
+    if start.checkpoint is not None:
+        # The main process checks and loads the weights; DistributedDataParallel copies them to the others.
+        distributed.agree(lambda: ckpt.load_weights(start.checkpoint, built.model, start.meta),
+                          run_here=distributed.is_main_process())
 
     device = built.train_loader.device
-    doc = {"config": cfg.to_dict(), "env": environment(device)}
+    doc = {"config": cfg.to_dict(), "env": environment(device) | {"processes": distributed.current().world_size}}
     if built.skipped:
         doc["skipped_images"] = [{"file": f, "reason": why} for f, why in built.skipped]
-    if built.whitening is not None and not (run_dir / WHITENING_FILE).exists():  # a resumed run keeps its own
-        built.whitening.save(run_dir / WHITENING_FILE)
-    tmp = run_dir / ".config.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, run_dir / "config.json")
 
-    checkpointer = Checkpointer(run_dir, built.meta)
+    def write_config() -> None:
+        try:
+            if built.whitening is not None and not (run_dir / WHITENING_FILE).exists():  # a resumed run keeps its own
+                built.whitening.save(run_dir / WHITENING_FILE)
+            tmp = run_dir / ".config.json.tmp"
+            tmp.write_text(json.dumps(doc, indent=1))
+            os.replace(tmp, run_dir / "config.json")
+        except OSError as e:
+            raise NinError(f"{run_dir}: cannot write the run's configuration ({e.strerror or e})") from None
+
+    distributed.agree(write_config, run_here=distributed.is_main_process())
+
+    checkpointer = Checkpointer(run_dir, built.meta, keep_last=cfg.checkpoint.keep_last,
+                                every_steps=cfg.checkpoint.every_steps)
     cbs: list[Callback] = [ProgressBar(print_epochs=progress)] if progress else []
     cbs += [MetricsWriter(run_dir), RollbackLog(run_dir), CurvePlotter(run_dir, title=cfg.model.name), checkpointer,
             *(callbacks or [])]
     trainer = Trainer(built.model, cfg.train, built.train_loader, built.test_loader, cbs)
-    if state is not None:
-        trainer.load_state_dict(state)
+    if start.state is not None:
+        try:
+            trainer.load_state_dict(start.state)
+        except NinError as e:
+            raise ckpt.CheckpointError(f"{start.checkpoint}: {e}") from None
+    signals: list[int] = []
     try:
-        history = trainer.fit()
+        if handle_signals:
+            with stop_on_signals(trainer) as signals:
+                history = trainer.fit()
+        else:
+            history = trainer.fit()
     except Diverged as e:
         last = checkpointer.last_path
         where = f"; last good checkpoint: {last}" if last else "; no checkpoint was saved yet"
         raise Diverged(e.step, e.epoch, e.loss, note=e.note + where) from None
-    return Result(history, run_dir, checkpointer.last_path, trainer, built.skipped)
+    return Result(history, run_dir, checkpointer.last_path, trainer, built.skipped, checkpointer.best_path,
+                  list(signals))
 
 
 @dataclass
@@ -437,7 +517,7 @@ def load_trained(checkpoint: str | os.PathLike, device: str = "auto") -> Trained
     except NinError as e:
         raise ckpt.CheckpointError(f"{path / 'meta.json'}: {e}") from None
     model = create_model(name, **options)
-    ckpt.load_weights(path, model)
+    ckpt.load_weights(path, model, meta)
     dev = resolve_device(device)
     whitening = None
     if d.get("whitening"):

@@ -4,24 +4,34 @@ The :class:`Trainer` runs SGD over a :class:`~nin.loader.DeviceLoader`, evaluate
 once per epoch and returns the per-epoch metrics. It knows nothing about NiN:
 logging, progress bars, figures and checkpoints are :class:`Callback` objects.
 Its whole state (weights aside) is :meth:`Trainer.state_dict`: epoch, position in
-the epoch, optimizer buffers, RNG states and history, so a resumed run continues
-exactly where it stopped.
+the epoch, running sums, optimizer buffers, RNG states and history, so a run
+resumed from any step continues exactly, bit for bit, as if it had not stopped.
+
+In a process group (``torchrun``, see :mod:`nin.distributed`) the model is
+wrapped in ``DistributedDataParallel``; each process takes its slice of every
+global batch, and the processes agree on divergence and on stopping, so they
+leave the loop at the same step.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import signal
+import sys
+import threading
 import time
-from collections.abc import Iterable
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from nin import distributed
 from nin.errors import NinError
 from nin.inference import fold_batchnorm, has_batchnorm
 from nin.loader import DeviceLoader
@@ -57,6 +67,9 @@ class TrainConfig:
     on_diverge: Literal["stop", "rollback"] = "stop"
     rollback_factor: float = 0.5
     max_rollbacks: int = 3
+    # Distributed runs only: BatchNorm statistics over the global batch (SyncBatchNorm) rather than each
+    # process's slice. None: on for GPUs; PyTorch's SyncBatchNorm does not run on CPUs.
+    sync_bn: bool | None = None
 
     def validate(self) -> None:
         def bad(msg: str) -> None:
@@ -105,6 +118,7 @@ class TrainConfig:
             amp=("bf16" if bf16_native(device) else "none") if self.amp == "auto" else self.amp,
             channels_last=True if self.channels_last is None else self.channels_last,
             compile=cuda if self.compile is None else self.compile,
+            sync_bn=cuda if self.sync_bn is None else self.sync_bn,
         )
 
 
@@ -191,9 +205,23 @@ class Trainer:
         self.model = model
         self.train_loader, self.test_loader = train_loader, test_loader
         self.callbacks = list(callbacks)
+        self.dist = distributed.current()
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.step_model = torch.compile(model) if config.compile else model
+        if self.dist.distributed:
+            if config.sync_bn and has_batchnorm(model):
+                if self.device.type == "cpu":
+                    raise NinError("sync_bn needs GPUs: PyTorch's SyncBatchNorm does not run on CPUs "
+                                   "(set train.sync_bn: false to keep per-process BatchNorm statistics)")
+                model = self.model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            # Gradients are averaged over the processes in buckets that overlap the backward pass.
+            wrapped = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                              else None, gradient_as_bucket_view=True)
+            self.step_model = torch.compile(wrapped) if config.compile else wrapped
+            # Evaluation runs each process on its own share of the test set, with no collective per batch.
+            self.eval_forward = torch.compile(model) if config.compile else model
+        else:
+            self.step_model = self.eval_forward = torch.compile(model) if config.compile else model
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         decay, no_decay = [], []
         for p in model.parameters():
@@ -210,6 +238,9 @@ class Trainer:
         self.lr_scale = 1.0  # lowered by each rollback; multiplies the schedule's lr
         self.rollbacks: list[dict[str, float]] = []  # one event per rollback: where it diverged, the new scale
         self.start_time = 0.0  # set by fit(): when wall_time would have been zero
+        self.should_stop = False  # set to stop at the next step (a signal, a callback); saved runs resume
+        self.stopped = False  # fit() left early because a process asked to stop
+        self._running: _Running | None = None  # this epoch's sums while it runs
 
     # ----------------------------------------------------------------- state
     @property
@@ -233,14 +264,24 @@ class Trainer:
         """The model to evaluate with: BatchNorm folded into the convolutions when there is any to fold."""
         if self.config.fold_bn and has_batchnorm(self.model):
             return fold_batchnorm(self.model)
-        return self.step_model
+        return self.eval_forward
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything but the weights needed to continue exactly: optimizer, position, RNG, history."""
+        """Everything but the weights needed to continue exactly: optimizer, position, RNG, history.
+
+        Callable between any two steps. In a distributed run every process must call it
+        (it gathers each process's RNG state).
+        """
+        if self._running is not None:
+            self.pos.tally = self._running.tally()
+        rngs = distributed.all_gather(_rng_state())
+        tallies = distributed.all_gather(dict(self.pos.tally))  # each process's partial sums of this epoch
         return {
             "optimizer": self.optimizer.state_dict(),
-            "position": asdict(self.pos),
-            "rng": _rng_state(),
+            "position": copy.deepcopy(asdict(self.pos)),
+            "rng_ranks": rngs,  # each process's, in rank order
+            "tally_ranks": tallies,
+            "world_size": self.dist.world_size,
             "history": self.history,
             "config": asdict(self.config),
             "lr_scale": self.lr_scale,
@@ -248,12 +289,37 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.pos = _Position(**state["position"])
-        self.history = list(state["history"])
-        self.lr_scale = float(state.get("lr_scale", 1.0))
-        self.rollbacks = list(state.get("rollbacks", []))
-        _set_rng_state(state["rng"])
+        """Continue from :meth:`state_dict`'s output; a state that does not fit is a NinError, not a partial load."""
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.dist.world_size:
+            raise NinError(f"the run was saved by {saved_world} process(es); resume it with as many "
+                           f"(this is {self.dist.world_size}): the position in the epoch counts global batches")
+        try:
+            optimizer = copy.deepcopy(self.optimizer.state_dict())
+            self.optimizer.load_state_dict(state["optimizer"])
+            # Saved buffers are contiguous; give each its parameter's layout (channels_last), as the fused
+            # step pairs elements of a parameter and its buffers by memory position.
+            for p, st in self.optimizer.state.items():
+                for k, v in st.items():
+                    if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                        st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise NinError(f"the saved optimizer state does not fit this model ({e})") from None
+        try:
+            pos = _Position(**state["position"])
+            if "tally_ranks" in state:
+                pos.tally = dict(state["tally_ranks"][self.dist.rank])
+            rng = state["rng_ranks"][self.dist.rank] if "rng_ranks" in state else state["rng"]
+            _set_rng_state(rng)
+            history, rollbacks = list(state["history"]), list(state.get("rollbacks", []))
+            lr_scale = float(state.get("lr_scale", 1.0))
+            if not (0 <= pos.batch <= len(self.train_loader) and pos.epoch >= 0 and pos.step >= 0):
+                raise ValueError(f"position {asdict(pos)} is outside this run's {len(self.train_loader)} "
+                                 "batches per epoch")
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            self.optimizer.load_state_dict(optimizer)
+            raise NinError(f"the saved trainer state is malformed ({e})") from None
+        self.pos, self.history, self.rollbacks, self.lr_scale = pos, history, rollbacks, lr_scale
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> list[dict[str, float]]:
@@ -264,7 +330,7 @@ class Trainer:
         self.start_time = time.perf_counter() - done
         for cb in self.callbacks:
             cb.on_fit_start(self)
-        while self.pos.epoch < cfg.epochs and not self._out_of_steps():
+        while self.pos.epoch < cfg.epochs and not self._out_of_steps() and not self.stopped:
             snapshot = self._snapshot() if cfg.on_diverge == "rollback" else None
             try:
                 finished = self._train_epoch()
@@ -309,59 +375,61 @@ class Trainer:
         return self.config.max_steps is not None and self.pos.step >= self.config.max_steps
 
     def _train_epoch(self) -> bool:
-        """Run the rest of the current epoch; False if stopped early by ``max_steps``."""
+        """Run the rest of the current epoch; False if stopped early (``max_steps`` or a stop request)."""
         cfg, pos, model = self.config, self.pos, self.step_model
         loader = self.train_loader
         loader.set_epoch(pos.epoch)
         self.model.train()
-        t = pos.tally  # running sums of this epoch, kept on the device while it runs (no host syncs)
-        loss_sum = torch.tensor(float(t["loss_sum"]), device=self.device)
-        correct = torch.tensor(float(t["correct"]), device=self.device)
-        seen = int(t["seen"])
+        # Running sums of this epoch stay on the device while it runs (no host syncs).
+        run = self._running = _Running.start(pos.tally, self.device)
         losses = torch.zeros(len(loader), device=self.device)
         checked = pos.batch
         check_every = cfg.check_every or (1 if self.device.type == "cpu" else 50)
-        t0 = time.perf_counter()
         total = self.total_steps
-        for x, y in loader.iterate(start=pos.batch):
-            lr = lr_at(cfg, pos.step, total) * self.lr_scale
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            with self.autocast():
-                out = model(x)
-                loss = self.criterion(out, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            loss = loss.detach()
-            losses[pos.batch] = loss
-            loss_sum += loss * len(y)
-            correct += (out.argmax(1) == y).sum()
-            seen += len(y)
-            pos.batch += 1
-            pos.step += 1
-            if pos.batch - checked >= check_every:
-                self._check_finite(losses, checked, pos.batch)
-                checked = pos.batch
-            for cb in self.callbacks:
-                cb.on_step_end(self, loss)
-            if self._out_of_steps() and pos.batch < len(loader):
-                break
-        self._check_finite(losses, checked, pos.batch)
-        pos.tally = {
-            "loss_sum": float(loss_sum),
-            "correct": float(correct),
-            "seen": seen,
-            "seconds": t["seconds"] + time.perf_counter() - t0,
-        }
+        try:
+            for x, y in loader.iterate(start=pos.batch):
+                lr = lr_at(cfg, pos.step, total) * self.lr_scale
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                with self.autocast():
+                    out = model(x)
+                    loss = self.criterion(out, y)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                loss = loss.detach()
+                losses[pos.batch] = loss
+                run.add(loss, out, y)
+                pos.batch += 1
+                pos.step += 1
+                # A stop request is acted on at once in a single process; processes agree at each check.
+                if pos.batch - checked >= check_every or (self.should_stop and not self.dist.distributed):
+                    self.stopped = self._check(losses, checked, pos.batch)
+                    checked = pos.batch
+                for cb in self.callbacks:
+                    cb.on_step_end(self, loss)
+                if (self._out_of_steps() or self.stopped) and pos.batch < len(loader):
+                    break
+            self.stopped = self._check(losses, checked, pos.batch) or self.stopped
+            pos.tally = run.tally()
+        finally:
+            self._running = None
         return pos.batch >= len(loader)
 
-    def _check_finite(self, losses: torch.Tensor, start: int, end: int) -> None:
+    def _check(self, losses: torch.Tensor, start: int, end: int) -> bool:
+        """Raise :class:`Diverged` if a loss in ``losses[start:end]`` is not finite on any process;
+        return whether any process asked to stop."""
         window = losses[start:end]
+        stop = self.should_stop
+        if self.dist.distributed:  # one small all-reduce: a NaN or inf anywhere spreads to every process
+            flags = torch.cat([window.float(), torch.tensor([float(stop)], device=self.device)])
+            torch.distributed.all_reduce(flags)
+            window, stop = flags[:-1], bool(flags[-1] > 0)
         if window.numel() and not bool(torch.isfinite(window).all()):
             first = start + int((~torch.isfinite(window)).nonzero()[0])
             step = self.pos.step - (self.pos.batch - first)
-            raise Diverged(step + 1, self.pos.epoch, float(losses[first]))
+            raise Diverged(step + 1, self.pos.epoch, float(window[first - start]))
+        return stop
 
     def _end_epoch(self) -> dict[str, float]:
         pos, t = self.pos, self.pos.tally
@@ -382,6 +450,66 @@ class Trainer:
         self.history.append(metrics)
         self.pos = _Position(epoch=pos.epoch + 1, batch=0, step=pos.step)
         return metrics
+
+
+@dataclass
+class _Running:
+    """An epoch's running sums while it runs: loss and correct counts on the device, examples and time on the host."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    seen: int
+    seconds: float  # time spent in earlier parts of this epoch (before a resume)
+    t0: float
+
+    @classmethod
+    def start(cls, tally: dict[str, float], device: torch.device) -> _Running:
+        return cls(torch.tensor(float(tally["loss_sum"]), device=device),
+                   torch.tensor(float(tally["correct"]), device=device),
+                   int(tally["seen"]), float(tally["seconds"]), time.perf_counter())
+
+    def add(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss_sum += loss * len(y)
+        self.correct += (out.argmax(1) == y).sum()
+        self.seen += len(y)
+
+    def tally(self) -> dict[str, float]:
+        return {"loss_sum": float(self.loss_sum), "correct": float(self.correct), "seen": self.seen,
+                "seconds": self.seconds + time.perf_counter() - self.t0}
+
+
+@contextmanager
+def stop_on_signals(trainer: Trainer, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
+                    file=None) -> Iterator[list[int]]:
+    """While inside, SIGINT or SIGTERM asks ``trainer`` to stop after the current step (its callbacks then
+    save a checkpoint); a second signal stops at once. Yields the list of signals received.
+
+    Only the main thread can take signals; elsewhere this does nothing.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def handle(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if trainer.should_stop:  # the second one: give up at once
+            for s, h in previous.items():
+                signal.signal(s, h)
+            raise KeyboardInterrupt
+        trainer.should_stop = True
+        if trainer.dist.is_main:
+            print(f"\nnin: {signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                  "(send it again to stop at once)", file=file or sys.stderr, flush=True)
+
+    for s in signals:
+        signal.signal(s, handle)
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _rng_state() -> dict[str, Any]:
