@@ -234,10 +234,10 @@ def dropout_model():
     return create_model("nin_cifar10", num_classes=4, width=0.1, in_channels=1)
 
 
-@pytest.mark.parametrize("stop_at", [16, 21])  # at an epoch boundary, and inside an epoch
-def test_resume_is_exact(tmp_path, stop_at):
+@pytest.mark.parametrize("stop_at, channels_last", [(16, False), (21, False), (21, True)])  # an epoch boundary,
+def test_resume_is_exact(tmp_path, stop_at, channels_last):  # inside an epoch; and with channels_last buffers
     aug = Augment(crop_padding=2, flip=True)
-    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05, channels_last=False)
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05, channels_last=channels_last)
 
     train, test = loaders(size=16, augment=aug)
     full = dropout_model()
