@@ -29,6 +29,24 @@ def test_readme_quick_start_has_exactly_two_commands():
     assert commands == ["bash scripts/install.sh && nin train", "bash scripts/install.sh --test && python3 -m pytest"]
 
 
+def test_readme_torchrun_commands_parse(tmp_path):
+    """The distributed commands are valid for torchrun, and what follows ``-m nin`` is a valid nin command."""
+    import shlex
+
+    from torch.distributed.run import get_args_parser
+
+    from nin.cli import build_parser
+
+    blocks = [b.replace("\\\n", " ") for b in code_blocks("shell") if b.startswith("torchrun")]
+    assert len(blocks) == 2
+    for block in blocks:
+        words = shlex.split(block)
+        args = get_args_parser().parse_args(words[1:])
+        assert args.module and args.training_script == "nin" and args.nproc_per_node == "8"
+        ours = build_parser().parse_args(args.training_script_args)
+        assert ours.command == "train" and ours.preset == "d2l" and ours.batch_size in (8, 16)
+
+
 def test_readme_shapes_table_is_the_real_output(capsys):
     block = next(b for b in code_blocks("text") if b.startswith("nin_d2l: input"))
     assert main(["shapes", "nin_d2l"]) == 0
