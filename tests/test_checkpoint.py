@@ -175,3 +175,22 @@ def test_resolve_errors(tmp_path):
         ckpt.resolve(tmp_path / "missing")
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         ckpt.resolve(tmp_path)
+
+
+def test_loading_a_trained_run_unpickles_nothing(tiny_run, monkeypatch):
+    """Weights and state come from safetensors and JSON only: with every unpickler disabled, a run still loads."""
+    import pickle
+
+    from nin.run import load_trained
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something tried to unpickle")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    trained = load_trained(tiny_run, device="cpu")
+    state = ckpt.load_state(trained.path)
+    assert trained.name == "nin28" and state["position"]["step"] > 0
+    assert {p.name for p in trained.path.iterdir()} == set(ckpt.FILES)

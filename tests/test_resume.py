@@ -231,3 +231,21 @@ def test_a_state_saved_by_another_model_is_refused_whole(tmp_path):
     with pytest.raises(NinError, match="optimizer state does not fit"):
         other.load_state_dict(state)
     assert other.optimizer.state_dict() == before and other.pos.step == 0
+
+
+def test_a_failed_metrics_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    from nin.callbacks import MetricsWriter
+    from nin.errors import NinError
+
+    writer = MetricsWriter(tmp_path)
+    writer.write([{"epoch": 1, "train_loss": 1.0}])
+    before = (tmp_path / "metrics.csv").read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(NinError, match=r"metrics.csv: could not write it \(no space left on device\); the prev"):
+        writer.write([{"epoch": 1, "train_loss": 1.0}, {"epoch": 2, "train_loss": 0.5}])
+    assert (tmp_path / "metrics.csv").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "metrics.jsonl"]  # no temporary left

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -86,17 +87,22 @@ class ProgressBar(Callback):
 
 def _write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` whole (a temporary file, flushed, renamed); an OSError becomes a NinError."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = None
     try:
-        with open(tmp, "w") as f:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = Path(name)
+        with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        tmp = None
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise NinError(f"{path}: could not write it ({why}); the previous version is intact") from None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 class MetricsWriter(Callback):
