@@ -264,15 +264,17 @@ def _cache_path(spec: CifarDataset, archive: Path, split: str, verified: bool) -
     return cache_dir(spec.name) / f"{split}-{key[:16]}.safetensors"
 
 
-def _read_cache(file: Path, archive: Path, num_classes: int) -> Split | None:
+def _read_cache(file: Path, archive: Path, spec: CifarDataset) -> Split | None:
     """The split saved in ``file``, or None if it is unreadable or not what it should be."""
     try:
         with safe_open(str(file), "pt") as f:
             x, y = f.get_tensor("images"), f.get_tensor("labels")
             classes = tuple(json.loads((f.metadata() or {})["classes"]))
-    except (OSError, SafetensorError, KeyError, ValueError, TypeError):
+    except (OSError, SafetensorError, KeyError, ValueError, TypeError, RecursionError):
         return None
-    if x.dtype != torch.uint8 or x.dim() != 4 or y.shape != x.shape[:1] or len(classes) != num_classes:
+    if (x.dtype != torch.uint8 or tuple(x.shape[1:]) != spec.image_shape or y.dtype != torch.int64
+            or y.shape != x.shape[:1] or (len(y) and not 0 <= int(y.min()) <= int(y.max()) < spec.num_classes)
+            or len(classes) != spec.num_classes or not all(isinstance(c, str) for c in classes)):
         return None
     return Split(images=x, labels=y, classes=classes, images_path=archive, labels_path=archive)
 
@@ -308,7 +310,7 @@ def load(
         path = _download(spec, user_data_dir(data_dir) or cache_dir(spec.name), opener, dirs)
     cached = _cache_path(spec, path, split, verify) if use_cache else None
     if cached is not None and cached.is_file():
-        hit = _read_cache(cached, path, spec.num_classes)
+        hit = _read_cache(cached, path, spec)
         if hit is not None:
             return hit
     if verify:
