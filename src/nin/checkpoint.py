@@ -184,7 +184,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
     try:
         meta = json.loads((path / "meta.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path / 'meta.json'}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path / 'meta.json'}: not a nin checkpoint")
@@ -211,8 +211,8 @@ def _load_tensors(file: Path, meta: dict[str, Any] | None) -> dict[str, torch.Te
                               "(the file was changed or damaged after it was saved)")
     try:
         return load_bytes(data)
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
-        raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:  # the message may quote the file
+        raise CheckpointError(f"{file}: unreadable safetensors file ({' '.join(str(e).split())})") from None
 
 
 def load_weights(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None) -> None:
@@ -239,13 +239,18 @@ def load_state(path: str | os.PathLike, meta: dict[str, Any] | None = None) -> d
     """The trainer state saved with a checkpoint."""
     path = Path(path)
     meta = meta or read_meta(path)
+    if "state" not in meta:
+        raise CheckpointError(f"{path / 'meta.json'}: no trainer state")
     tensors = _load_tensors(path / "state.safetensors", meta)
     try:
-        return _join(meta["state"], tensors)
+        state = _join(meta["state"], tensors)
     except KeyError as e:
         raise CheckpointError(f"{path}: state.safetensors lacks tensor {e}") from None
-    except (TypeError, ValueError, AttributeError) as e:
+    except (TypeError, ValueError, AttributeError, RecursionError) as e:
         raise CheckpointError(f"{path / 'meta.json'}: malformed trainer state ({e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / 'meta.json'}: the trainer state is a {type(state).__name__}, not a table")
+    return state
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:

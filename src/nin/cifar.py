@@ -140,10 +140,10 @@ def unpickle_batch(data: bytes, source: str) -> dict[str, Any]:
     """A CIFAR batch pickle as a dict with str keys; anything else is a :class:`DataError`."""
     try:
         obj = _BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except pickle.UnpicklingError as e:
-        raise DataError(f"{source}: not a CIFAR batch: {e}") from None
+    except pickle.UnpicklingError as e:  # (some of its messages span two lines)
+        raise DataError(f"{source}: not a CIFAR batch: {' '.join(str(e).split())}") from None
     except Exception as e:  # a malformed pickle raises almost anything (EOFError, ValueError, KeyError, ...)
-        raise DataError(f"{source}: corrupt pickle: {type(e).__name__}: {e}") from None
+        raise DataError(f"{source}: corrupt pickle: {type(e).__name__}: {' '.join(str(e).split())}") from None
     if not isinstance(obj, dict):
         raise DataError(f"{source}: not a CIFAR batch: a {type(obj).__name__}, expected a dict")
     return {k.decode("latin-1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
@@ -179,13 +179,16 @@ def read_archive(path: Path, spec: CifarDataset, split: str) -> Split:
 
             meta = read(spec.meta)
             batches = [(name, read(name)) for name in spec.batches[split]]
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+    except (tarfile.TarError, EOFError, zlib.error, OSError, ValueError) as e:  # ValueError: a size past 2**63
         raise DataError(f"{path}: corrupt or truncated archive: {e or type(e).__name__}") from None
 
     names = meta.get(spec.names_key)
     if not isinstance(names, list) or len(names) != spec.num_classes:
         raise DataError(f"{path}: {spec.meta} has no list of {spec.num_classes} {spec.names_key}")
-    classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    try:
+        classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: {spec.meta}: a class name is not UTF-8 text ({e})") from None
     images, labels = [], []
     for name, batch in batches:
         where = f"{path}:{spec.folder}/{name}"
@@ -261,15 +264,17 @@ def _cache_path(spec: CifarDataset, archive: Path, split: str, verified: bool) -
     return cache_dir(spec.name) / f"{split}-{key[:16]}.safetensors"
 
 
-def _read_cache(file: Path, archive: Path, num_classes: int) -> Split | None:
+def _read_cache(file: Path, archive: Path, spec: CifarDataset) -> Split | None:
     """The split saved in ``file``, or None if it is unreadable or not what it should be."""
     try:
         with safe_open(str(file), "pt") as f:
             x, y = f.get_tensor("images"), f.get_tensor("labels")
             classes = tuple(json.loads((f.metadata() or {})["classes"]))
-    except (OSError, SafetensorError, KeyError, ValueError, TypeError):
+    except (OSError, SafetensorError, KeyError, ValueError, TypeError, RecursionError):
         return None
-    if x.dtype != torch.uint8 or x.dim() != 4 or y.shape != x.shape[:1] or len(classes) != num_classes:
+    if (x.dtype != torch.uint8 or tuple(x.shape[1:]) != spec.image_shape or y.dtype != torch.int64
+            or y.shape != x.shape[:1] or (len(y) and not 0 <= int(y.min()) <= int(y.max()) < spec.num_classes)
+            or len(classes) != spec.num_classes or not all(isinstance(c, str) for c in classes)):
         return None
     return Split(images=x, labels=y, classes=classes, images_path=archive, labels_path=archive)
 
@@ -305,7 +310,7 @@ def load(
         path = _download(spec, user_data_dir(data_dir) or cache_dir(spec.name), opener, dirs)
     cached = _cache_path(spec, path, split, verify) if use_cache else None
     if cached is not None and cached.is_file():
-        hit = _read_cache(cached, path, spec.num_classes)
+        hit = _read_cache(cached, path, spec)
         if hit is not None:
             return hit
     if verify:

@@ -121,7 +121,10 @@ def parse_idx(data: bytes, source: str | os.PathLike[str]) -> np.ndarray:
             f"{expected} bytes of data"
         )
     array = np.frombuffer(data, dtype=np.uint8, count=expected, offset=header)
-    return array.reshape(dims).copy()
+    try:
+        return array.reshape(dims).copy()
+    except ValueError as exc:  # more dimensions than numpy allows, or an empty array too big to describe
+        raise DataError(f"{source}: bad IDX header: no array can have the {ndim} dimensions declared ({exc})") from None
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:

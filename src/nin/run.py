@@ -507,15 +507,28 @@ def load_trained(checkpoint: str | os.PathLike, device: str = "auto") -> Trained
     """Rebuild the model saved in a checkpoint (or a run's latest one) on ``device``, in eval mode."""
     path = ckpt.resolve(checkpoint)
     meta = ckpt.read_meta(path)
+    where = path / "meta.json"
     try:
         m, d = meta["model"], meta["data"]
         name, options = m["name"], dict(m.get("options", {}))
         info = (d["dataset"], tuple(d["size"]), tuple(d["mean"]), tuple(d["std"]), list(d["classes"]))
         config = RunConfig.from_dict(meta.get("config") or {"data": {"dataset": d["dataset"]}})
-    except (KeyError, TypeError) as e:
-        raise ckpt.CheckpointError(f"{path / 'meta.json'}: missing or malformed field {e}") from None
-    except NinError as e:
-        raise ckpt.CheckpointError(f"{path / 'meta.json'}: {e}") from None
+        if not isinstance(d.get("whitening"), (str, type(None))):
+            raise TypeError("'whitening'")
+    except (KeyError, TypeError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{where}: missing or malformed field {e}") from None
+    except NinError as e:  # (its message may quote the file's text, newlines too)
+        raise ckpt.CheckpointError(f"{where}: {' '.join(str(e).split())}") from None
+    try:  # first without memory: the sizes meta.json declares must fit in model.safetensors
+        with torch.device("meta"):
+            declared = create_model(name, **options)
+    except (NinError, TypeError, ValueError, RuntimeError) as e:
+        why = " ".join(str(e).split())
+        raise ckpt.CheckpointError(f"{where}: cannot build the model it describes ({why})") from None
+    need = sum(t.numel() * t.element_size() for t in declared.state_dict().values())
+    if need > (have := (path / "model.safetensors").stat().st_size):
+        raise ckpt.CheckpointError(f"{path / 'model.safetensors'}: {have} bytes, too few for the {need} bytes of "
+                                   "weights meta.json declares (truncated, or not this model's)")
     model = create_model(name, **options)
     ckpt.load_weights(path, model, meta)
     dev = resolve_device(device)
@@ -523,7 +536,10 @@ def load_trained(checkpoint: str | os.PathLike, device: str = "auto") -> Trained
     if d.get("whitening"):
         from nin.whiten import Whitening
 
-        whitening = Whitening.load(path.parent.parent / d["whitening"]).to(dev)
+        try:
+            whitening = Whitening.load(path.parent.parent / d["whitening"]).to(dev)
+        except NinError as e:
+            raise ckpt.CheckpointError(f"{where}: {' '.join(str(e).split())}") from None
     return Trained(model.to(dev).eval(), path, name, *info, config, whitening)
 
 
