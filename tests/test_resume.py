@@ -249,3 +249,18 @@ def test_a_failed_metrics_write_keeps_the_previous_file(tmp_path, monkeypatch):
         writer.write([{"epoch": 1, "train_loss": 1.0}, {"epoch": 2, "train_loss": 0.5}])
     assert (tmp_path / "metrics.csv").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "metrics.jsonl"]  # no temporary left
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[1, 2]", "not a run configuration"),
+    ("{\"config\": {\"train\": {\"epochs\": \"ten\"}}}", "config.json: train.epochs must be int"),
+    ("{\"config\": {\"nonsense\": 1}}", "config.json: unknown RunConfig setting(s): nonsense"),
+    ("{not json", "config.json: not valid JSON"),
+])
+def test_resume_with_a_damaged_config_is_one_line(tmp_path, capsys, text, words):
+    trainer, _ = tiny_trainer(tmp_path, 1, [0.1])
+    trainer.fit()
+    (tmp_path / "config.json").write_text(text)
+    assert main(["train", "--resume", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err, err

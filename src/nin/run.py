@@ -343,9 +343,14 @@ def load_run_config(run_dir: Path) -> RunConfig:
         doc = json.loads(file.read_text())
     except FileNotFoundError:
         raise NinError(f"{run_dir}: not a run directory (no config.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise NinError(f"{file}: not valid JSON ({e})") from None
-    return RunConfig.from_dict(doc.get("config", {}))
+    if not isinstance(doc, dict):
+        raise NinError(f"{file}: not a run configuration (expected a JSON object)")
+    try:
+        return RunConfig.from_dict(doc.get("config", {}))
+    except NinError as e:
+        raise NinError(f"{file}: {e}") from None
 
 
 @dataclass
