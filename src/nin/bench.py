@@ -22,6 +22,7 @@ test-accuracy threshold was first reached.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -74,6 +75,8 @@ class BenchConfig:
             raise NinError(f"steps must be at least 1, got {self.steps}")
         if self.size is not None and self.size < 1:
             raise NinError(f"size must be positive, got {self.size}")
+        if not (self.block_seconds > 0 and math.isfinite(self.block_seconds)):
+            raise NinError(f"block-seconds must be a positive number, got {self.block_seconds}")
         if self.data not in ("auto", "real", "synthetic"):
             raise NinError(f"unknown data choice {self.data!r}; choose auto, real or synthetic")
 

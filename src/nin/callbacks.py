@@ -6,19 +6,18 @@ In a distributed run only the main process (rank 0) writes anything.
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import json
 import math
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from nin.atomic import write_error, write_text
 from nin.checkpoint import best_checkpoint, list_checkpoints, remove_stale, save_checkpoint, set_best
 from nin.distributed import agree, is_main_process
 from nin.errors import NinError
@@ -85,26 +84,6 @@ class ProgressBar(Callback):
             self.bar = None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` whole (a temporary file, flushed, renamed); an OSError becomes a NinError."""
-    tmp = None
-    try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        tmp = Path(name)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise NinError(f"{path}: could not write it ({why}); the previous version is intact") from None
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-
-
 class MetricsWriter(Callback):
     """``metrics.csv`` and ``metrics.jsonl`` in the run directory, rewritten from the history each epoch."""
 
@@ -119,8 +98,8 @@ class MetricsWriter(Callback):
         w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         w.writerows(history)
-        _write_atomic(self.run_dir / "metrics.csv", buf.getvalue())
-        _write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        write_text(self.run_dir / "metrics.csv", buf.getvalue())
+        write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
 
 class RollbackLog(Callback):
@@ -132,7 +111,7 @@ class RollbackLog(Callback):
     def on_rollback(self, trainer: Trainer, event: dict[str, float]) -> None:
         def write() -> None:
             tqdm.write(format_rollback(event), file=self.file or sys.stderr)
-            _write_atomic(self.run_dir / "rollbacks.jsonl", "".join(json.dumps(e) + "\n" for e in trainer.rollbacks))
+            write_text(self.run_dir / "rollbacks.jsonl", "".join(json.dumps(e) + "\n" for e in trainer.rollbacks))
 
         agree(write, run_here=is_main_process())
 
@@ -152,8 +131,7 @@ class CurvePlotter(Callback):
             try:
                 plot_curves(history, path, self.title)
             except OSError as e:
-                why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-                raise NinError(f"{path}: could not write it ({why})") from None
+                raise write_error(path, e) from None
 
         return plot
 

@@ -259,7 +259,8 @@ def _download(spec: CifarDataset, target: Path, opener: Opener, dirs: list[Path]
 
 def _cache_path(spec: CifarDataset, archive: Path, split: str, verified: bool) -> Path:
     st = archive.stat()
-    ident = f"{CACHE_VERSION}|{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}|{verified}"
+    # Size and both times: a rewritten archive gets a new status-change time even if its mtime was set back.
+    ident = f"{CACHE_VERSION}|{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}|{verified}"
     key = hashlib.sha256(ident.encode()).hexdigest()
     return cache_dir(spec.name) / f"{split}-{key[:16]}.safetensors"
 

@@ -2,13 +2,23 @@
 
 User errors (bad flags, missing or corrupt files) print one line,
 ``nin: error: ...``, and exit with status 2; nothing prints a traceback for them.
+A failure of the operating system that no command anticipated (a full disk, a
+read-only file system) or running out of memory is one such line too, with
+status 1. A command that fails leaves no half-written output behind, and no new
+folder that holds nothing worth keeping.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import functools
 import json
+import math
+import os
+import re
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -17,6 +27,7 @@ from pathlib import Path
 from nin.errors import NinError
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1  # the operating system refused (a full disk), or memory ran out
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,9 +57,19 @@ _nonneg_int = _int_at_least(0, "non-negative")
 
 def _float(s: str) -> float:
     try:
-        return float(s)
+        v = float(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        v = math.nan
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    v = _float(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    return v
 
 
 def _fractions(s: str) -> tuple[float, ...]:
@@ -272,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "NiN's last block, whose mean is class k's logit, upsampled to the image.")
     _add_checkpoint(p)
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders (or use --grid)")
-    p.add_argument("--top-k", type=_positive_int, default=3, help="classes per image (default 3)")
+    p.add_argument("--top-k", type=_positive_int, help="classes per image (default 3)")
     p.add_argument("--grid", type=_positive_int, metavar="N",
                    help="the first N images of the run's test split, each with its top class and true class")
     p.add_argument("--data-dir", help="directory holding the data files (--grid)")
@@ -287,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint(p)
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--out", help="file to write (default: RUN/MODEL-CHECKPOINT.onnx or .pt); never overwritten")
-    p.add_argument("--tolerance", type=_float, default=1e-4, help="largest allowed logit difference (default 1e-4)")
+    p.add_argument("--tolerance", type=_positive_float, default=1e-4,
+                   help="largest allowed logit difference (default 1e-4)")
     p.add_argument("--data-dir", help="directory holding the data files (for the verification images)")
 
     p = sub.add_parser("evaluate", help="test accuracy, per-class accuracy and a confusion matrix")
@@ -308,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("timing")
     g.add_argument("--warmup", type=_nonneg_int, default=1, help="untimed steps first (default 1)")
     g.add_argument("--steps", type=_positive_int, help="steps per timed block (default: about --block-seconds)")
-    g.add_argument("--block-seconds", type=_float, default=2.0)
+    g.add_argument("--block-seconds", type=_positive_float, default=2.0)
     g.add_argument("--repeats", type=_positive_int, default=3, help="timed blocks; the median is reported")
     g.add_argument("--latency-runs", type=_positive_int, default=20)
     g.add_argument("--data", choices=("auto", "real", "synthetic"), default="auto",
@@ -497,6 +519,51 @@ _DATA_FIELDS = ("dataset", "data_dir", "download", "verify", "subset", "test_sub
                 "flip", "normalize", "whiten", "test_dir", "test_fraction", "skip_bad_images", "holdout")
 
 
+@contextlib.contextmanager
+def _removed_if_failed(path: Path, disposable: tuple[str, ...] = ()):
+    """For a folder the command is about to create: if the command fails, remove it again, with the parent
+    folders made for it, unless it holds a file worth keeping (one whose name is not in ``disposable``)."""
+    from nin.atomic import remove_dirs
+
+    missing = []
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    try:
+        yield
+    except BaseException:
+        if missing:
+            kept = path.is_dir() and any(f.name not in disposable for f in path.rglob("*") if not f.is_dir())
+            if not kept:
+                shutil.rmtree(path, ignore_errors=True)
+                remove_dirs(missing[:0:-1])  # the parents made for it, if nothing else went there
+        raise
+
+
+def _given(args: argparse.Namespace, *names: str) -> list[str]:
+    """The flags among ``names`` that were given (their value is not None), spelled as on the command line."""
+    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) is not None]
+
+
+def _check_train_flags(args: argparse.Namespace, cfg) -> None:
+    """Refuse flags that the other settings would silently ignore."""
+    folder_flags = _given(args, "test_dir", "test_fraction", "skip_bad_images")
+    if folder_flags and not cfg.data.dataset.startswith("folder:"):
+        raise NinError(f"{folder_flags[0]} is for image folders (--dataset folder:PATH); {cfg.data.dataset} has "
+                       "its own test split")
+    if args.test_dir is not None and args.test_fraction is not None:
+        raise NinError("--test-fraction splits the training folder when there is no --test-dir; give one of them")
+    step_flags = _given(args, "milestones", "gamma")
+    if step_flags and cfg.train.schedule != "step":
+        raise NinError(f"{step_flags[0]} applies to --schedule step; this run's schedule is {cfg.train.schedule}")
+    rollback_flags = _given(args, "rollback_factor", "max_rollbacks")
+    if rollback_flags and cfg.train.on_diverge != "rollback":
+        raise NinError(f"{rollback_flags[0]} applies to --on-diverge rollback; this run's is {cfg.train.on_diverge}")
+    if args.whiten and args.normalize:
+        raise NinError("--whiten replaces --normalize; give one of them")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from nin import distributed
     from nin.run import configure_runtime
@@ -511,7 +578,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from nin.distributed import current
-    from nin.run import preset, summary_line, train
+    from nin.run import default_run_dir, preset, summary_line, train
 
     if args.config:
         from nin.config import load_config
@@ -549,9 +616,16 @@ def _train(args: argparse.Namespace) -> int:
         cfg.device = args.device
 
     main = current().is_main
-    keep = {"epochs": args.epochs, "max_steps": args.max_steps, "device": args.device} if args.resume else None
-    result = train(cfg, args.out, resume=args.resume, keep=keep, progress=not args.quiet and main,
-                   handle_signals=True)
+    if args.resume:
+        keep = {"epochs": args.epochs, "max_steps": args.max_steps, "device": args.device}
+        result = train(cfg, resume=args.resume, keep=keep, progress=not args.quiet and main, handle_signals=True)
+    else:
+        cfg.train.validate()
+        _check_train_flags(args, cfg)
+        out = Path(args.out) if args.out else default_run_dir(cfg)
+        # The main process creates the run directory (nin.run.train), so only it removes one a failure left empty.
+        with _removed_if_failed(out) if main else contextlib.nullcontext():
+            result = train(cfg, out, progress=not args.quiet and main, handle_signals=True)
     if not main:
         return 0
     if result.skipped:
@@ -597,10 +671,11 @@ def cmd_study(args: argparse.Namespace) -> int:
                        + [f"--{k.replace('_', '-')} {v}" for k in ("seeds", "epochs", "subset", "data_dir", "device")
                           if (v := getattr(args, k)) not in (None, "auto")]
                        + (["--on-diverge rollback"] if args.on_diverge == "rollback" else []) + ["--out", str(out)])
-    if not args.report_only:
-        configure_runtime(args.threads)
-        run_study(study, sc, out, log=lambda line: print(line, flush=True))
-    path = write_report(study, sc, out, command)
+    with _removed_if_failed(out, disposable=("study.json", "config.json")):
+        if not args.report_only:
+            configure_runtime(args.threads)
+            run_study(study, sc, out, log=lambda line: print(line, flush=True))
+        path = write_report(study, sc, out, command)
     print(f"report: {path}")
     return 0
 
@@ -633,14 +708,18 @@ def cmd_cam(args: argparse.Namespace) -> int:
 
     if bool(args.images) == bool(args.grid):
         raise NinError("cam: give IMAGE files or --grid N, not both or neither")
-    t = load_trained(args.checkpoint, args.device)
-    check_cam_model(t.model)
+    if args.data_dir and not args.grid:
+        raise NinError("cam: --data-dir is where --grid finds the test images; IMAGE files do not use it")
+    if args.grid and args.top_k is not None:
+        raise NinError("cam: --grid shows each image's top class; --top-k is for IMAGE files")
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise NinError(f"--out must be a .png file, got {out}")
+    t = load_trained(args.checkpoint, args.device)
+    check_cam_model(t.model)
     bad = []
     if args.grid:
-        test = t.test_split(args.data_dir)
+        test = _test_split(t, args.data_dir)
         n = min(args.grid, len(test.images))
         rows = cam_panels(t, test.images[:n], 1, test.labels[:n])
         per_row = 8
@@ -653,8 +732,9 @@ def cmd_cam(args: argparse.Namespace) -> int:
             print(f"nin: error: {f}: {why}", file=sys.stderr)
         if not good:
             return EXIT_USAGE
-        panels = cam_panels(t, images, args.top_k)
-        title = f"{t.name}: class maps of the top {min(args.top_k, len(t.classes))} classes"
+        top_k = args.top_k or 3
+        panels = cam_panels(t, images, top_k)
+        title = f"{t.name}: class maps of the top {min(top_k, len(t.classes))} classes"
     plot_cams(panels, out, title)
     print(f"wrote {out}")
     return 1 if bad else 0
@@ -676,28 +756,38 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _test_split(t, data_dir: str | None):
+    """The run's test split, checked to have the classes the model was trained on (an image folder may have
+    changed since)."""
+    test = t.test_split(data_dir)
+    if list(test.classes) != list(t.classes):
+        raise NinError(f"{test.images_path}: the test images have classes {', '.join(test.classes)}; the model was "
+                       f"trained on {', '.join(t.classes)}")
+    return test
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from nin.atomic import atomic_paths
     from nin.plots import plot_confusion
     from nin.run import load_trained
     from nin.train import confusion_matrix, predict
 
     t = load_trained(args.checkpoint, args.device)
     model, path, name, dataset, classes = t.model, t.path, t.name, t.dataset, t.classes
-    test = t.test_split(args.data_dir)
+    test = _test_split(t, args.data_dir)
     preds, truth = predict(model, t.loader(test.images, test.labels, args.batch_size))
     k = len(classes)
     cm = confusion_matrix(preds, truth, k)
     per_class = (cm.diag().double() / cm.sum(1).clamp(min=1)).tolist()
     acc = float(cm.diag().sum()) / max(int(cm.sum()), 1)
     out = Path(args.out) if args.out else path
-    out.mkdir(parents=True, exist_ok=True)
-    png = plot_confusion(cm, classes, out / "confusion.png", title=f"{name}: test acc {acc:.4f}")
+    png = out / "confusion.png"
     result = {"checkpoint": str(path), "model": name, "dataset": dataset, "examples": int(cm.sum()),
               "test_acc": acc, "per_class_acc": dict(zip(classes, per_class)), "confusion": cm.tolist(),
               "confusion_png": str(png)}
-    tmp = out / ".evaluation.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out / "evaluation.json")
+    with atomic_paths(png, out / "evaluation.json") as (tmp_png, tmp_json):  # both files or neither
+        plot_confusion(cm, classes, tmp_png, title=f"{name}: test acc {acc:.4f}")
+        tmp_json.write_text(json.dumps(result, indent=1))
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
@@ -718,10 +808,21 @@ def _targets(s: str) -> list[float]:
     return values
 
 
+_SPEED_ONLY = ("model", "size", "batch_size", "warmup", "steps", "block_seconds", "repeats", "latency_runs", "data",
+               "baseline", "workers", "ablate")
+_TTA_ONLY = ("preset", "epochs", "targets")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from nin.bench import BenchConfig, run_bench, time_to_accuracy
     from nin.run import configure_runtime, preset
 
+    defaults = vars(build_parser().parse_args(["bench"]))
+    changed = [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if k in _SPEED_ONLY + _TTA_ONLY and
+               v != defaults[k] and (k in _SPEED_ONLY) == bool(args.time_to_accuracy)]
+    if changed:
+        raise NinError(f"bench: {changed[0]} is for " + ("the speed benchmark, not --time-to-accuracy"
+                                                         if args.time_to_accuracy else "--time-to-accuracy"))
     configure_runtime(args.threads)
     report = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else \
         (lambda line: print(line, flush=True))
@@ -749,6 +850,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
     from nin.run import preset
     from nin.tune import TuneConfig, parse_space, summary, tune
 
@@ -769,11 +872,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
         base.seed = args.seed
     if args.device:
         base.device = args.device
-    tc = TuneConfig(base=base, out=Path(args.out) if args.out else None, trials=args.trials, workers=args.workers,
+    out = Path(args.out) if args.out else Path("runs") / f"tune-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    tc = TuneConfig(base=base, out=out, trials=args.trials, workers=args.workers,
                     storage=args.storage, study_name=args.study_name, max_epochs=args.max_epochs,
                     space=parse_space(args.space, args.max_epochs), holdout=args.holdout, subset=args.subset,
                     threads=args.threads, startup_trials=args.startup_trials, quiet=args.quiet)
-    result = tune(tc)
+    with _removed_if_failed(out, disposable=("tune.db",)):
+        result = tune(tc)
     print(summary(result))
     return 0 if result.best is not None else 1
 
@@ -794,14 +899,83 @@ def _reports(e: NinError) -> bool:
         return True
 
 
+def _os_error_line(e: OSError) -> str:
+    """``PATH: reason`` for an operating-system error (the reason alone when it names no file)."""
+    why = e.strerror or str(e) or type(e).__name__
+    names = [str(f) for f in (e.filename, e.filename2) if f is not None]
+    return ": ".join([*names, why]) if names else why
+
+
+def _out_of_memory(e: BaseException) -> str | None:
+    """What could not be allocated, when ``e`` is an allocation failure (Python's, or a torch allocator's)."""
+    if isinstance(e, MemoryError):
+        return "out of memory"
+    text = str(e)
+    m = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", text)
+    if m:
+        return f"out of memory: tried to allocate {int(m.group(1)) / 2**30:,.1f} GiB"
+    if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA)
+        return "out of memory: " + text.strip().split(". ")[0]
+    return None
+
+
+STDOUT = "standard output"
+
+
+class _NamedStdout:
+    """The process's standard output, whose write errors name it (a full disk behind it, a closed pipe), so that
+    they can be told from the others."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def _named(self, e: OSError) -> OSError:
+        return type(e)(e.errno, e.strerror, STDOUT) if e.errno else e
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            raise self._named(e) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            raise self._named(e) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _named_stdout():
+    real = sys.stdout is sys.__stdout__ and sys.stdout is not None
+    if real:
+        sys.stdout = _NamedStdout(sys.stdout)
+    try:
+        yield
+    except OSError as e:
+        if real and e.filename == STDOUT:  # what is still buffered would fail again at exit: let it go nowhere
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
+        raise
+    finally:
+        if real:
+            sys.stdout = sys.__stdout__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-        from nin.distributed import from_environment
+        with _named_stdout():
+            args = build_parser().parse_args(argv)
+            from nin.distributed import from_environment
 
-        if from_environment().distributed and args.command != "train":
-            raise NinError(f"nin {args.command} runs in one process; only nin train runs under torchrun")
-        return COMMANDS[args.command](args)
+            if from_environment().distributed and args.command != "train":
+                raise NinError(f"nin {args.command} runs in one process; only nin train runs under torchrun")
+            code = COMMANDS[args.command](args)
+            sys.stdout.flush()  # a full disk behind stdout shows here, not at interpreter exit
+        return code
     except NinError as e:
         if _reports(e):
             print(f"nin: error: {e}", file=sys.stderr)
@@ -809,6 +983,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nin: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the operating system refused something no command anticipated: one line, no traceback
+        if e.filename == STDOUT and e.errno == errno.EPIPE:  # the reader went away (nin models | head)
+            return EXIT_FAILURE
+        print(f"nin: error: {_os_error_line(e)}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (MemoryError, RuntimeError) as e:
+        why = _out_of_memory(e)
+        if why is None:
+            raise  # a bug: keep the traceback
+        print(f"nin: error: {why}; try a smaller batch, model or input size", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 import types
 import urllib.request
 import zlib
@@ -36,6 +35,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from nin.atomic import WriteError, atomic_path, write_bytes
 from nin.errors import NinError
 
 
@@ -384,43 +384,22 @@ def _check_idx_body(sha256: str | None) -> Callable[[bytes, str], None]:
 
 
 def write_atomically(dest: Path, body: bytes) -> None:
-    """Write ``body`` to ``dest`` via a temporary file; keep an existing ``dest``."""
+    """Write ``body`` to ``dest`` via a temporary file (:mod:`nin.atomic`); keep an existing ``dest``."""
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    except OSError as exc:
-        raise DataError(f"{dest.parent}: cannot write: {exc.strerror or exc}") from exc
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(body)
-            out.flush()
-            os.fsync(out.fileno())
-        if not dest.exists():
-            os.replace(tmp, dest)
-    except OSError as exc:
-        raise DataError(f"{dest}: cannot write: {exc.strerror or exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
+        write_bytes(dest, body, overwrite=False)
+    except WriteError as exc:
+        raise DataError(str(exc)) from exc
 
 
 def save_cache_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bool:
     """Write a safetensors cache file via a temporary file and :func:`os.replace` (an old or corrupt file is
     replaced whole, never half-written). False when it cannot be written: a cache only saves time."""
-    tmp: Path | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, name, metadata=metadata)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         return True
     except (OSError, SafetensorError):
         return False
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
 
 
 def how_to_get(spec: IdxDataset, missing: Iterable[str], dirs: Sequence[Path]) -> str:

@@ -19,6 +19,7 @@ from typing import Literal
 
 from nin import cifar, data
 from nin.data import DataError, Split
+from nin.errors import did_you_mean
 
 FOLDER_PREFIX = "folder:"
 
@@ -72,7 +73,8 @@ def folder_path(dataset: str) -> Path | None:
 
 def check_name(dataset: str) -> None:
     if folder_path(dataset) is None and dataset not in NAMES:
-        raise DataError(f"unknown dataset {dataset!r} (available: {', '.join(NAMES)}, or folder:PATH)")
+        raise DataError(f"unknown dataset {dataset!r}{did_you_mean(dataset, NAMES)} (available: {', '.join(NAMES)}, "
+                        "or folder:PATH)")
 
 
 def image_shape(dataset: str) -> tuple[int, int, int] | None:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nin.atomic import atomic_paths
 from nin.errors import NinError
 from nin.loader import _per_channel
 
@@ -88,19 +89,25 @@ def export(trained, fmt: str, out: str | os.PathLike, inputs: torch.Tensor, tole
     if fmt not in FORMATS:
         raise NinError(f"unknown export format {fmt!r}; choose {' or '.join(FORMATS)}")
     out = Path(out)
-    if out.exists():
-        raise NinError(f"{out}: already exists; choose another --out")
+    sidecar = out.with_name(out.name + ".json")
+    for path in (out, sidecar):
+        if path.exists():
+            raise NinError(f"{path}: already exists; choose another --out")
     module = deployable(trained)
     reference = Deployable(trained.model.float().cpu().eval(), trained.mean, trained.std)  # unfolded, as trained
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
+    # Both files are written to temporary names and moved into place together once verified: a failure (a
+    # mismatch, a full disk) leaves neither behind.
+    with atomic_paths(out, sidecar) as (tmp, tmp_meta):
         if fmt == "onnx":
             _export_onnx(module, inputs[:2], tmp)
             run = _onnx_runner(tmp)
         else:
             with torch.no_grad():
                 traced = torch.jit.trace(module, inputs[:2])
-            traced.save(str(tmp))
+            buffer = io.BytesIO()  # TorchScript's own file writer aborts the process on a full disk
+            torch.jit.save(traced, buffer)
+            with open(tmp, "wb") as f:
+                f.write(buffer.getvalue())
             loaded = torch.jit.load(str(tmp))
             run = lambda x: loaded(x).detach()  # noqa: E731
         sizes = (1, len(inputs))
@@ -115,15 +122,14 @@ def export(trained, fmt: str, out: str | os.PathLike, inputs: torch.Tensor, tole
         if not diff < tolerance:
             raise NinError(f"exported {fmt} model differs from PyTorch by {diff:.3g} (tolerance {tolerance:g}); "
                            "nothing was written")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    meta = {"format": fmt, "model": trained.name, "checkpoint": str(trained.path), "classes": list(trained.classes),
-            "input": {"name": "images", "layout": "NCHW", "dtype": "float32", "range": [0.0, 1.0],
-                      "shape": ["batch", *trained.model.input_size]},
-            "output": {"name": "logits", "shape": ["batch", len(trained.classes)]},
-            "verified": {"max_abs_diff": diff, "tolerance": tolerance, "batch_sizes": list(sizes)}}
-    out.with_name(out.name + ".json").write_text(json.dumps(meta, indent=1) + "\n")
+        meta = {"format": fmt, "model": trained.name, "checkpoint": str(trained.path),
+                "classes": list(trained.classes),
+                "input": {"name": "images", "layout": "NCHW", "dtype": "float32", "range": [0.0, 1.0],
+                          "shape": ["batch", *trained.model.input_size]},
+                "output": {"name": "logits", "shape": ["batch", len(trained.classes)]},
+                "verified": {"max_abs_diff": diff, "tolerance": tolerance, "batch_sizes": list(sizes)}}
+        with open(tmp_meta, "w") as f:
+            f.write(json.dumps(meta, indent=1) + "\n")
     return Exported(out, fmt, diff, sizes)
 
 

@@ -28,10 +28,12 @@ tensor [N, C, H, W] in a :class:`FolderSplit`.
 The cache: with ``cache_dir`` the decoded result is stored as
 ``cache_dir/<key>.safetensors``. The key is a SHA-256 over the cache format
 version, the Pillow version, the decoding settings, the ``classes`` argument and,
-for every candidate image file, its relative path, size and modification time
-in nanoseconds. Editing, adding, removing or renaming a file gives a new key,
+for every candidate image file, its relative path, size, modification and
+status-change times in nanoseconds and inode number. Editing, replacing, adding,
+removing or renaming a file gives a new key, even when the new file has the old
+size and its modification time was set back (the status-change time cannot be),
 so a stale cache is never used (old cache files are left for the user to
-delete); moving the whole folder keeps it. A cache file that cannot be read or
+delete); moving the whole folder within a file system keeps it. A cache file that cannot be read or
 does not match the folder is ignored and rewritten, and a cache that cannot be
 written is not an error. Files are written to a temporary name and moved into
 place, so a crash never leaves a half-written cache behind.
@@ -114,6 +116,8 @@ class _Candidate(NamedTuple):
     label: int
     size: int  # bytes; -1 when the file cannot be stat'ed (decoding then reports it)
     mtime_ns: int
+    ctime_ns: int  # status change time: set by the file system on every write, whatever mtime is made to say
+    inode: int  # a file replaced by another (written elsewhere and renamed over it) has a new one
 
 
 # --------------------------------------------------------------------------
@@ -166,12 +170,12 @@ def _raise_listing_error(exc: OSError) -> None:
     raise DataError(f"{exc.filename}: cannot list folder: {exc.strerror or exc}") from exc
 
 
-def _stat(path: str) -> tuple[int, int]:
+def _stat(path: str) -> tuple[int, int, int, int]:
     try:
         st = os.stat(path)
     except OSError:
-        return -1, -1
-    return st.st_size, st.st_mtime_ns
+        return -1, -1, -1, -1
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
 def _scan_class(root: Path, name: str, label: int) -> list[_Candidate]:
@@ -332,7 +336,7 @@ def _cache_key(
         "size": list(size),
         "fit": fit,
         "classes": None if classes is None else list(classes),
-        "files": [[c.rel, c.size, c.mtime_ns] for c in candidates],
+        "files": [[c.rel, c.size, c.mtime_ns, c.ctime_ns, c.inode] for c in candidates],
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 

@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from nin.atomic import atomic_path  # noqa: E402
+
 
 def plot_curves(history: Sequence[dict[str, float]], path: str | os.PathLike, title: str = "") -> Path:
     """Train loss, train accuracy and test accuracy against epoch, on one set of axes."""
@@ -54,13 +56,10 @@ def plot_confusion(matrix, classes: Sequence[str], path: str | os.PathLike, titl
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    """Save via a temporary file and rename, so a crash never leaves half a PNG."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Save whole or not at all (:mod:`nin.atomic`): a crash or a full disk never leaves half a PNG."""
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)

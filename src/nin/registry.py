@@ -13,13 +13,12 @@ is complete whichever ``nin`` module is imported first.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
 
-from nin.errors import NinError
+from nin.errors import NinError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -58,8 +57,7 @@ class Registry:
         try:
             return self._entries[name]
         except KeyError:
-            near = difflib.get_close_matches(name, self._entries, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
+            hint = did_you_mean(name, self._entries)
             raise NinError(f"unknown model {name!r}{hint} (available: {', '.join(self.names())})") from None
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from nin import checkpoint as ckpt
 from nin import distributed
+from nin.atomic import write_error, write_text
 from nin.callbacks import Checkpointer, CurvePlotter, MetricsWriter, ProgressBar, RollbackLog
 from nin.datasets import DataConfig, image_shape, load_splits
 from nin.errors import NinError
@@ -433,14 +434,12 @@ def train(
         doc["skipped_images"] = [{"file": f, "reason": why} for f, why in built.skipped]
 
     def write_config() -> None:
-        try:
-            if built.whitening is not None and not (run_dir / WHITENING_FILE).exists():  # a resumed run keeps its own
+        if built.whitening is not None and not (run_dir / WHITENING_FILE).exists():  # a resumed run keeps its own
+            try:
                 built.whitening.save(run_dir / WHITENING_FILE)
-            tmp = run_dir / ".config.json.tmp"
-            tmp.write_text(json.dumps(doc, indent=1))
-            os.replace(tmp, run_dir / "config.json")
-        except OSError as e:
-            raise NinError(f"{run_dir}: cannot write the run's configuration ({e.strerror or e})") from None
+            except OSError as e:
+                raise write_error(run_dir / WHITENING_FILE, e) from None
+        write_text(run_dir / "config.json", json.dumps(doc, indent=1))
 
     distributed.agree(write_config, run_here=distributed.is_main_process())
 

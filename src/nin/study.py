@@ -32,7 +32,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-from nin.errors import NinError
+from nin.atomic import make_dirs, write_error, write_text
+from nin.errors import NinError, did_you_mean
 
 BUDGETS = ("cpu", "full")
 
@@ -200,7 +201,7 @@ STUDIES: Mapping[str, Study] = _registry(
 
 def get_study(name: str) -> Study:
     if name not in STUDIES:
-        raise NinError(f"unknown study {name!r} (available: {', '.join(STUDIES)})")
+        raise NinError(f"unknown study {name!r}{did_you_mean(name, STUDIES)} (available: {', '.join(STUDIES)})")
     return STUDIES[name]
 
 
@@ -287,10 +288,30 @@ def load_records(out: Path) -> list[dict[str, Any]]:
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one line; a write that fails (a full disk) is cut off again, so the file keeps whole lines."""
+    data = (json.dumps(record) + "\n").encode()
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise write_error(path, e) from e
+    end = None
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        if end and os.pread(fd, 1, end - 1) != b"\n":  # a line torn by a crash: end it, or this record joins it
+            data = b"\n" + data
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError as e:
+        if end is not None:
+            try:
+                os.ftruncate(fd, end)
+            except OSError:
+                pass
+        raise write_error(path, e) from e
+    finally:
+        os.close(fd)
 
 
 def _read_history(run_dir: Path) -> list[dict[str, float]]:
@@ -339,7 +360,10 @@ def run_study(study: Study, sc: StudyConfig, out: str | os.PathLike,
     from nin.train import Diverged
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        make_dirs(out)
+    except OSError as e:
+        raise write_error(out, e) from None
     budget, seeds = sc.budget_of(study), sc.seed_list(study)
     meta = {"study": study.name, "version": study.version, "budget": sc.budget}
     _check_meta(out, meta)
@@ -412,7 +436,7 @@ def _check_meta(out: Path, meta: dict[str, Any]) -> None:
             raise NinError(f"{out}: holds study {old.get('study')!r} version {old.get('version')} budget "
                            f"{old.get('budget')!r}; use another --out")
     else:
-        path.write_text(json.dumps(meta, indent=1))
+        write_text(path, json.dumps(meta, indent=1))
 
 
 def _outcome(r: dict[str, Any]) -> str:
@@ -599,19 +623,14 @@ def write_report(study: Study, sc: StudyConfig, out: str | os.PathLike, command:
     if not records:
         raise NinError(f"{out}: no finished runs of study {study.name!r} (budget {sc.budget}) to report")
     budget = sc.budget_of(study)
-    (out / "configs").mkdir(exist_ok=True)
     for v in budget.variants:
         first = next((r for r in records if r["variant"] == v.label), None)
         if first is not None:  # the first seed's config; the others differ only in "seed"
-            (out / "configs" / f"{slug(v.label)}.json").write_text(json.dumps(first["config"], indent=1) + "\n")
+            write_text(out / "configs" / f"{slug(v.label)}.json", json.dumps(first["config"], indent=1) + "\n")
     plot_study(study, budget, records, out)
     doc = {**meta, "title": study.title, "question": study.question, "budget_description": budget.description,
            "variants": [{"label": v.label, "changes": dict(v.changes)} for v in budget.variants],
            "seeds": sorted({r["seed"] for r in records}), "env": records[0]["env"], "command": command,
            "written": _dt.datetime.now().isoformat(timespec="seconds")}
-    (out / "study.json").write_text(json.dumps(doc, indent=1) + "\n")
-    path = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text(render_report(study, sc, records, command))
-    os.replace(tmp, path)
-    return path
+    write_text(out / "study.json", json.dumps(doc, indent=1) + "\n")
+    return write_text(out / "report.md", render_report(study, sc, records, command))

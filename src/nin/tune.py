@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nin import run
+from nin.atomic import write_text
 from nin.errors import NinError
 from nin.run import RunConfig
 from nin.train import Callback, Diverged, TrainConfig, Trainer
@@ -479,10 +480,7 @@ def write_best(path: Path, best, study_name: str) -> Path:
 
     header = (f"# nin tune: trial {best.number} of study {study_name!r}, holdout accuracy {best.value:.4f}\n"
               f"# the full run configuration, without the holdout: nin train --config {path}\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(header + yaml.safe_dump(_jsonable(best.user_attrs["config"]), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return write_text(path, header + yaml.safe_dump(_jsonable(best.user_attrs["config"]), sort_keys=False))
 
 
 def table(trials: list[Any], space_names: list[str] | None = None) -> str:
