@@ -98,3 +98,18 @@ def test_experiments_doc_quotes_each_study_table_as_reported(report):
     doc = (ROOT / "docs" / "experiments.md").read_text()
     rows = [line for line in report.read_text().splitlines() if line.startswith("| ") and "---" not in line]
     assert rows and all(row in doc for row in rows), report.parent.name
+
+
+def test_reliability_doc_names_only_tests_that_exist():
+    """Every ``tests/test_x.py::test_name`` in docs/reliability.md is a test in that file (or a parametrized one)."""
+    import ast
+
+    doc = (ROOT / "docs" / "reliability.md").read_text()
+    refs = re.findall(r"tests/(test_\w+\.py)::(test_\w+)", doc)
+    assert len(refs) >= 20
+    for file, name in refs:
+        tree = ast.parse((ROOT / "tests" / file).read_text())
+        names = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+        assert name in names, f"docs/reliability.md names {file}::{name}, which does not exist"
+    files = set(re.findall(r"`tests/(test_\w+\.py)`", doc))
+    assert all((ROOT / "tests" / f).is_file() for f in files)
