@@ -688,3 +688,12 @@ def test_a_changed_idx_file_is_one_line_not_old_data(capsys, idx_copy, tmp_path)
     assert_error(code, out, err, str(images))
     assert not (tmp_path / "run").exists()
     assert len(first.images) == 10000
+
+
+def test_an_unknown_model_name_of_another_type_is_a_nin_error():
+    # a name read from a file may be any JSON value (found by tests/test_fuzz.py's meta.json edits)
+    from nin.errors import NinError
+    from nin.registry import MODELS
+
+    with pytest.raises(NinError, match="unknown model 5"):
+        MODELS.get(5)
