@@ -77,30 +77,14 @@ def reference(tmp_path_factory, fashion_mnist) -> Path:
     return run
 
 
-def test_sigkill_at_a_random_step_then_resume_is_bit_exact(reference, tmp_path):
-    rng = random.Random(os.getpid())  # a different moment on every run of the suite; printed on failure
-    target = rng.randrange(2, 22)
-    delay = rng.uniform(0, 0.3)
-    run = tmp_path / "run"
-    proc = start(*ARGS, "--out", str(run))
-    wait_for_step(proc, run, target - target % 5 or 1)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, f"not killed (target step {target}, delay {delay:.2f} s)"
-    killed_at = steps_saved(run)[-1]
-    assert killed_at < TOTAL_STEPS
-    for path in ckpt.list_checkpoints(run):  # whatever the moment of the kill, every checkpoint is whole
-        ckpt.load_state(path)
-
-    r = subprocess.run([sys.executable, "-m", "nin", "train", "--resume", str(run), "--threads", "1", "--quiet"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert not list((run / "checkpoints").glob(".step-*"))  # a save the kill interrupted is cleaned up
-    assert_same_run(run, reference, f"(killed after step {killed_at}, target {target}, delay {delay:.2f} s)")
+def resume(run: Path) -> subprocess.Popen:
+    return start("--resume", str(run), "--threads", "1", "--quiet")
 
 
-def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(reference, tmp_path):
+def test_sigterm_then_sigkill_at_a_random_step_then_resume_is_bit_exact(reference, tmp_path):
+    """One run, stopped twice: SIGTERM (it saves where it stops), then, resumed, SIGKILL at a random moment
+    (it loses the steps since its last checkpoint, maybe in the middle of writing one); resumed again, it
+    ends exactly where the uninterrupted run ends."""
     run = tmp_path / "run"
     proc = start(*ARGS, "--out", str(run))
     wait_for_step(proc, run, 5)
@@ -112,10 +96,25 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(refe
     stopped = steps_saved(run)[-1]
     assert 5 <= stopped < TOTAL_STEPS and f"stopped by SIGTERM at step {stopped}" in err
 
-    r = subprocess.run([sys.executable, "-m", "nin", "train", "--resume", str(run), "--threads", "1", "--quiet"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert_same_run(run, reference)
+    rng = random.Random(os.getpid())  # a different moment on every run of the suite; reported on failure
+    target, delay = rng.randrange(stopped + 1, 28), rng.uniform(0, 0.3)
+    proc = resume(run)
+    wait_for_step(proc, run, max(stopped + 1, target - target % 5))
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    note = f"(target step {target}, delay {delay:.2f} s)"
+    assert proc.returncode == -signal.SIGKILL, f"not killed {note}"
+    killed_at = steps_saved(run)[-1]
+    assert stopped < killed_at < TOTAL_STEPS, note
+    for path in ckpt.list_checkpoints(run):  # whatever the moment of the kill, every checkpoint is whole
+        ckpt.load_state(path)
+
+    proc = resume(run)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert not list((run / "checkpoints").glob(".step-*"))  # a save the kill interrupted is cleaned up
+    assert_same_run(run, reference, f"(stopped at {stopped}, killed after step {killed_at}, {note})")
 
 
 # ------------------------------------------------------------------ in-process: the checkpoint policy

@@ -21,7 +21,6 @@ from nin.atomic import write_error, write_text
 from nin.checkpoint import best_checkpoint, list_checkpoints, remove_stale, save_checkpoint, set_best
 from nin.distributed import agree, is_main_process
 from nin.errors import NinError
-from nin.plots import plot_curves
 from nin.train import Callback, Trainer
 
 METRIC_FIELDS = (
@@ -127,6 +126,8 @@ class CurvePlotter(Callback):
 
     def plot_history(self, history: list[dict[str, float]]):
         def plot() -> None:
+            from nin.plots import plot_curves  # matplotlib: imported when the first figure is drawn
+
             path = self.run_dir / "curves.png"
             try:
                 plot_curves(history, path, self.title)
