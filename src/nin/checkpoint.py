@@ -90,14 +90,6 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _os_error(path: Path, e: OSError) -> CheckpointError:
     why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
     return CheckpointError(f"{path}: could not write the checkpoint ({why}); earlier checkpoints are intact")
@@ -124,7 +116,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, state: dict[str, 
         files = {}
         for name in TENSOR_FILES:
             _fsync_file(tmp / name)
-            files[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+            data = (tmp / name).read_bytes()  # as the loader reads it: whole (the weights are in memory anyway)
+            files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         doc = {"format": FORMAT, "version": VERSION, **meta, "files": files, "state": skeleton}
         with open(tmp / "meta.json", "w") as f:
             json.dump(doc, f, indent=1)

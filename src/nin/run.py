@@ -441,8 +441,6 @@ def train(
                 raise write_error(run_dir / WHITENING_FILE, e) from None
         write_text(run_dir / "config.json", json.dumps(doc, indent=1))
 
-    distributed.agree(write_config, run_here=distributed.is_main_process())
-
     checkpointer = Checkpointer(run_dir, built.meta, keep_last=cfg.checkpoint.keep_last,
                                 every_steps=cfg.checkpoint.every_steps)
     cbs: list[Callback] = [ProgressBar(print_epochs=progress)] if progress else []
@@ -454,6 +452,7 @@ def train(
             trainer.load_state_dict(start.state)
         except NinError as e:
             raise ckpt.CheckpointError(f"{start.checkpoint}: {e}") from None
+    distributed.agree(write_config, run_here=distributed.is_main_process())  # once the state is known to fit
     signals: list[int] = []
     try:
         if handle_signals:
