@@ -122,19 +122,16 @@ class CurvePlotter(Callback):
         self.run_dir, self.title = Path(run_dir), title
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        agree(self.plot_history(trainer.history), run_here=is_main_process())
+        agree(lambda: self.plot(trainer.history), run_here=is_main_process())
 
-    def plot_history(self, history: list[dict[str, float]]):
-        def plot() -> None:
-            from nin.plots import plot_curves  # matplotlib: imported when the first figure is drawn
+    def plot(self, history: list[dict[str, float]]) -> None:
+        from nin.plots import plot_curves  # matplotlib: imported when the first figure is drawn
 
-            path = self.run_dir / "curves.png"
-            try:
-                plot_curves(history, path, self.title)
-            except OSError as e:
-                raise write_error(path, e) from None
-
-        return plot
+        path = self.run_dir / "curves.png"
+        try:
+            plot_curves(history, path, self.title)
+        except OSError as e:
+            raise write_error(path, e) from None
 
 
 class Checkpointer(Callback):
@@ -193,10 +190,10 @@ class Checkpointer(Callback):
             if value is not None and value > self.best_value:
                 self.best_value, self.best_path = value, saved
                 set_best(self.run_dir, saved)
-            keep = list_checkpoints(self.run_dir)[-self.keep_last:] if self.keep_last else []
-            for old in list_checkpoints(self.run_dir) if self.keep_last else []:
-                if old not in keep and old != self.best_path:
-                    shutil.rmtree(old, ignore_errors=True)
+            if self.keep_last:  # prune all but the newest keep_last, sparing the best
+                for old in list_checkpoints(self.run_dir)[:-self.keep_last]:
+                    if old != self.best_path:
+                        shutil.rmtree(old, ignore_errors=True)
             return saved
 
         self.last_path = agree(write, run_here=is_main_process()) or path

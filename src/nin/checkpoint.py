@@ -18,7 +18,6 @@ is a symbolic link to the one with the highest test accuracy.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -33,6 +32,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 from torch import nn
 
+from nin.atomic import write_error
 from nin.errors import NinError
 
 FORMAT = "nin-checkpoint"
@@ -91,7 +91,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _os_error(path: Path, e: OSError) -> CheckpointError:
-    why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    why = write_error(path, e).reason
     return CheckpointError(f"{path}: could not write the checkpoint ({why}); earlier checkpoints are intact")
 
 

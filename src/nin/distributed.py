@@ -87,16 +87,17 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def setup(device_name: str = "auto", timeout_minutes: float = 30.0) -> tuple[DistEnv, str]:
-    """Join the process group ``torchrun`` describes; return this process's place and device name.
+def setup(device_name: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
+    """Join the process group ``torchrun`` describes; return this process's place in it.
 
-    Without torchrun's variables (or with a world of one) nothing is initialized and
-    ``device_name`` is returned unchanged. With ``auto`` or ``cuda``, each process takes
-    the GPU of its local rank; ``cpu`` runs every process on the CPU over gloo.
+    Without torchrun's variables (or with a world of one) nothing is initialized. With
+    ``auto`` or ``cuda``, each process takes the GPU of its local rank (made its current
+    device; :func:`nin.run.resolve_device` then names it); ``cpu`` runs every process on
+    the CPU over gloo.
     """
     env = from_environment()
     if not env.distributed:
-        return env, device_name
+        return env
     if not dist.is_available():
         raise NinError(f"this torch build ({torch.__version__}) has no torch.distributed")
     wants_cuda = device_name == "cuda" or device_name.startswith("cuda:") or (
@@ -121,7 +122,7 @@ def setup(device_name: str = "auto", timeout_minutes: float = 30.0) -> tuple[Dis
             dist.init_process_group(backend_for(device), timeout=_dt.timedelta(minutes=timeout_minutes), **kw)
         except (RuntimeError, ValueError) as e:  # the rendezvous failed: a wrong address, a timeout
             raise ProcessError(f"process {env.rank} could not join the others ({e})") from None
-    return env, str(device)
+    return env
 
 
 def teardown() -> None:
