@@ -1,4 +1,12 @@
-"""Shared fixtures: real Fashion-MNIST when it is installed, small synthetic data otherwise."""
+"""Shared fixtures: real Fashion-MNIST when it is installed, small synthetic data otherwise.
+
+Precision: ``--amp auto`` (every config's default) picks bf16 on a CPU or GPU that runs it natively and
+fp32 elsewhere, so the same test computes in another precision on another machine. A test that compares
+two computations therefore pins its precision (``amp="none"``, ``--amp none``) or takes its tolerance from
+:data:`TOLERANCE` for the precision in use. ``pytest --precision none|bf16|fp16`` (or ``NIN_AMP=...``)
+makes ``auto`` pick that precision everywhere, subprocesses included, to run the whole suite as another
+machine kind would; the header line says what ``auto`` picks in this session.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,39 @@ import pytest
 import torch
 
 from nin.data import DataError, find_files
+from nin.train import AMP_ENV, amp_choice
+
+PRECISIONS = ("auto", "none", "bf16", "fp16")
+
+#: Relative tolerance for comparing two runs of the same training computation whose sums are only ordered
+#: differently (another process count, a compiled graph), by the precision the forward pass ran in. bf16 and
+#: fp16 keep 8 and 11 bits of mantissa against fp32's 24, and a few steps of training amplify the difference.
+TOLERANCE = {"none": 1e-3, "bf16": 5e-2, "fp16": 1e-2}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--precision", choices=PRECISIONS, default=None,
+                     help="what --amp auto picks in every test and subprocess (sets NIN_AMP); auto: the "
+                          "machine's own choice (the default, unless NIN_AMP is set)")
+
+
+def pytest_configure(config):
+    chosen = config.getoption("precision")
+    if chosen == "auto":
+        os.environ.pop(AMP_ENV, None)
+    elif chosen:
+        os.environ[AMP_ENV] = chosen
+
+
+def pytest_report_header(config):
+    mode, why = amp_choice(torch.device("cpu"))
+    return f"nin: --amp auto runs {mode} on this CPU ({why}); choose with --precision or {AMP_ENV}"
+
+
+@pytest.fixture(scope="session")
+def precision() -> str:
+    """What ``--amp auto`` runs on the CPU in this session: none, bf16 or fp16."""
+    return amp_choice(torch.device("cpu"))[0]
 
 
 @pytest.fixture(scope="module")

