@@ -41,7 +41,7 @@ from nin.inference import has_batchnorm
 from nin.loader import DeviceLoader
 from nin.models import create_model, init_weights, model_entry
 from nin.profile import count_flops
-from nin.train import Callback, TrainConfig, Trainer, bf16_native, evaluate
+from nin.train import AMP_DTYPES, Callback, TrainConfig, Trainer, amp_choice, bf16_native, evaluate
 
 
 @dataclass
@@ -148,11 +148,15 @@ def peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, *, min_seconds: float = 0.02, reps: int = 5) -> float:
+def matmul_peak(device: torch.device, dtype: torch.dtype, *, min_seconds: float = 0.02, reps: int = 5,
+                budget: float | None = None) -> float:
     """Peak FLOP/s of an ``n x n`` matmul in ``dtype``, ``n`` grown until one product takes ``min_seconds``.
 
     A product of two ``n x n`` matrices is counted as ``2 n^3`` FLOPs; the best of ``reps`` runs is kept.
+    ``budget`` (seconds), when given, bounds the whole probe, however slow ``dtype`` is here: ``n`` stops
+    growing when the next size's products would not fit in it, and fewer runs are timed if it runs out.
     """
+    start = time.perf_counter()
     n, top = 256, (16384 if device.type == "cuda" else 4096)
     while True:
         a = torch.randn(n, n, device=device).to(dtype)
@@ -162,11 +166,16 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, *, min_seconds: float 
         t0 = time.perf_counter()
         a @ b
         sync(device)
-        if time.perf_counter() - t0 >= min_seconds or n >= top:
+        took = time.perf_counter() - t0
+        if took >= min_seconds or n >= top:
             break
+        if budget is not None and time.perf_counter() - start + 8 * took * (reps + 2) > budget:
+            break  # the next size's products (8x as long each) would not fit
         n *= 2
     best = float("inf")
-    for _ in range(reps):
+    for i in range(reps):
+        if budget is not None and i and time.perf_counter() - start >= budget:
+            break
         t0 = time.perf_counter()
         a @ b
         sync(device)
@@ -298,7 +307,7 @@ def fast_case(cfg: BenchConfig, data, device: torch.device, flops: tuple[int, in
     lat = _latencies(classify_one, cfg.latency_runs)
     infer_peak = peak_memory(device)
 
-    dtype = "bf16" if tcfg.amp == "bf16" else "fp32"
+    dtype = tcfg.amp if tcfg.amp in AMP_DTYPES else "fp32"
     settings = {"amp": tcfg.amp, "channels_last": tcfg.channels_last, "compile": tcfg.compile,
                 "fused": tcfg.fused, "fold_bn": tcfg.fold_bn and has_batchnorm(model)}
     return _result(name, dtype, train_rate, infer_rate, lat, train_peak, infer_peak, flops, peaks, settings), steps
@@ -365,7 +374,7 @@ SWITCHES = ("channels_last", "fused", "fold_bn", "compile", "amp")
 def _flipped(switch: str, value: Any) -> tuple[str, Any]:
     """(label, new value) for ``switch`` flipped from its resolved ``value``."""
     if switch == "amp":
-        new = "none" if value == "bf16" else "bf16"
+        new = "none" if value in AMP_DTYPES else "bf16"
         return f"amp {new}", new
     return f"{switch} {'off' if value else 'on'}", not value
 
@@ -394,10 +403,12 @@ def run_bench(cfg: BenchConfig, *, baseline: bool = False, ablate: bool | Sequen
         flops = (count_flops(model, (channels, size, size)), count_flops(model, (channels, size, size), train=True))
     except RuntimeError as e:
         raise NinError(f"input {size}x{size} does not fit {cfg.model}: {str(e).splitlines()[0]}") from None
-    peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
-    data = bench_data(cfg, channels, device)
     resolved = TrainConfig(amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile, fused=cfg.fused,
                            fold_bn=cfg.fold_bn).resolved(device)
+    peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
+    if resolved.amp == "fp16":
+        peaks["fp16"] = matmul_peak(device, torch.float16)
+    data = bench_data(cfg, channels, device)
     header = {
         "model": cfg.model, "input": f"{channels}x{size}x{size}", "batch_size": cfg.batch_size,
         "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
@@ -408,8 +419,8 @@ def run_bench(cfg: BenchConfig, *, baseline: bool = False, ablate: bool | Sequen
     report(f"nin bench: {cfg.model} {header['input']}, batch {cfg.batch_size}, on {device} "
            f"({header['device_name']}), torch {torch.__version__}, {header['date']}")
     report(f"data: {data[4]}, uint8 on the device")
-    report(f"fast path: {'bf16 autocast' if resolved.amp == 'bf16' else 'fp32'}"
-           f"{'' if header['bf16_native'] else ' (bf16 is not native here)'}, "
+    amp_note = f" (auto: {amp_choice(device)[1]})" if cfg.amp == "auto" else ""
+    report(f"fast path: {resolved.amp + ' autocast' if resolved.amp in AMP_DTYPES else 'fp32'}{amp_note}, "
            f"{'channels_last' if resolved.channels_last else 'NCHW'}, compile {'on' if resolved.compile else 'off'}, "
            f"{'fused' if cfg.fused else 'per-parameter'} SGD step, BN folding "
            f"{'on' if cfg.fold_bn else 'off'}{'' if has_batchnorm(model) else ' (model has no BN)'}")

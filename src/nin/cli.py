@@ -1,4 +1,5 @@
-"""The ``nin`` command: models, datasets, shapes, profile, train, study, tune, evaluate, predict, cam, export, bench.
+"""The ``nin`` command: models, datasets, shapes, profile, train, study, tune, evaluate, predict, cam, export,
+bench, doctor.
 
 User errors (bad flags, missing or corrupt files) print one line,
 ``nin: error: ...``, and exit with status 2; nothing prints a traceback for them.
@@ -112,8 +113,10 @@ def _add_checkpoint(p: argparse.ArgumentParser) -> None:
 
 
 def _add_speed_options(g) -> None:
-    g.add_argument("--amp", choices=("auto", "none", "bf16"),
-                   help="bf16 autocast; auto (default): on where the device runs bf16 natively (GPUs, some CPUs)")
+    g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"),
+                   help="mixed precision; auto (default): bf16 where the device runs it natively (GPUs of compute "
+                        "capability 8.0+, CPUs with AVX512-BF16 or AMX), fp16 with a gradient scaler on older "
+                        "GPUs, else none (fp32); `nin doctor` says what it picks here and why")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC memory format (default on)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the model (default: on for CUDA, off on CPUs)")
@@ -181,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", type=parse_input_size, help="input size CxHxW or HxW (default: each model's)")
     p.add_argument("--batch", type=_positive_int, default=128, help="batch size of the memory figures (default 128)")
     p.add_argument("--device", default="auto", help="where to measure: auto, cpu or cuda[:N]")
-    p.add_argument("--amp", choices=("none", "bf16"), default="none",
-                   help="none: float32 (default); bf16: bfloat16 autocast with float32 weights")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="none: float32 (default); bf16 or fp16: 16-bit autocast with float32 weights")
     p.add_argument("--optimizer", choices=("sgd", "momentum"), default="momentum",
                    help="optimizer state: plain SGD (d2l's) or SGD with momentum (the trainer's, default)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
@@ -386,6 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for tune.db, trials/ and best.yaml (default runs/tune-DATE); an "
                                  "existing one is continued")
     p.add_argument("--quiet", action="store_true", help="no line per finished trial")
+
+    p = sub.add_parser("doctor", help="this machine, what nin will do on it and why, and how fast it can go",
+                       description="The CPU and its features, memory, software versions and GPUs; the machine's "
+                                   "kind; the speed settings nin train picks on the device, each with its reason; "
+                                   "a few seconds of matmul probes; and the data sets found.")
+    p.add_argument("--device", default="auto", help="the device to look at: auto (default), cpu or cuda[:N]")
+    p.add_argument("--no-measure", dest="measure", action="store_false", help="skip the matmul probes")
+    p.add_argument("--json", action="store_true", help="one JSON document with the same sections")
     return parser
 
 
@@ -883,9 +894,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0 if result.best is not None else 1
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from nin.doctor import collect, render
+
+    report = collect(args.device, measure=args.measure)
+    print(json.dumps(report, indent=1) if args.json else render(report), end="\n" if args.json else "")
+    return 0
+
+
 COMMANDS = {"models": cmd_models, "datasets": cmd_datasets, "shapes": cmd_shapes, "profile": cmd_profile,
             "train": cmd_train, "study": cmd_study, "tune": cmd_tune, "evaluate": cmd_evaluate,
-            "predict": cmd_predict, "cam": cmd_cam, "export": cmd_export, "bench": cmd_bench}
+            "predict": cmd_predict, "cam": cmd_cam, "export": cmd_export, "bench": cmd_bench,
+            "doctor": cmd_doctor}
 
 
 def _reports(e: NinError) -> bool:

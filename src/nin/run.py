@@ -159,14 +159,23 @@ def configure_runtime(threads: int | None = None) -> None:
     many fixed blocks, unless ``PYTORCH_CUDA_ALLOC_CONF`` is already set.
     """
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    n = compute_threads(threads)
+    if threads or n != torch.get_num_threads():
+        torch.set_num_threads(n)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; all logical CPUs where there is none)."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    if threads:
-        torch.set_num_threads(threads)
-    elif torch.get_num_threads() > cores:
-        torch.set_num_threads(cores)
+        return os.cpu_count() or 1
+
+
+def compute_threads(threads: int | None = None) -> int:
+    """The compute threads :func:`configure_runtime` runs with, without setting them: ``threads`` when
+    given, else torch's own count capped at :func:`usable_cpus`."""
+    return threads or min(torch.get_num_threads(), usable_cpus())
 
 
 def resolve_device(name: str) -> torch.device:
