@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -351,7 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", default="default", help="recipe for --time-to-accuracy (default: default)")
     g.add_argument("--epochs", type=_positive_int, help="epochs for --time-to-accuracy (default: the preset's)")
     g.add_argument("--targets", default="0.91,0.93", help="test accuracies for --time-to-accuracy")
+    g.add_argument("--subset", type=_positive_int, metavar="N",
+                   help="--time-to-accuracy on a seeded N of the training images (a quick check of the command; "
+                        "its times are not the recipe's)")
     p.add_argument("--json", action="store_true", help="print the results as JSON (the table goes to stderr)")
+    p.add_argument("--record", metavar="DIR",
+                   help="also keep the results, the command and this machine's fingerprint (nin doctor) as a new "
+                        "JSON file in DIR, e.g. benchmarks/results (docs/performance.md is rendered from those)")
 
     p = sub.add_parser("tune", help="hyperparameter search with Optuna, scored on held-out training images",
                        description="Search learning rate, batch size, weight decay, schedule and epochs with "
@@ -580,11 +587,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from nin.run import configure_runtime
 
     configure_runtime(args.threads)
-    distributed.setup(args.device or "auto")  # under torchrun: join the other processes
-    try:
+    # Under torchrun: join the other processes, and leave them on every way out (a return, an error,
+    # KeyboardInterrupt) with gloo's threads stopped before the interpreter exits (nin.distributed).
+    with distributed.joined(args.device or "auto"):
         return _train(args)
-    finally:
-        distributed.teardown()
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -821,11 +827,12 @@ def _targets(s: str) -> list[float]:
 
 _SPEED_ONLY = ("model", "size", "batch_size", "warmup", "steps", "block_seconds", "repeats", "latency_runs", "data",
                "baseline", "workers", "ablate")
-_TTA_ONLY = ("preset", "epochs", "targets")
+_TTA_ONLY = ("preset", "epochs", "targets", "subset")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from nin.bench import BenchConfig, run_bench, time_to_accuracy
+    from nin.records import make_record, write_record
     from nin.run import configure_runtime, preset
 
     defaults = vars(build_parser().parse_args(["bench"]))
@@ -834,6 +841,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if changed:
         raise NinError(f"bench: {changed[0]} is for " + ("the speed benchmark, not --time-to-accuracy"
                                                          if args.time_to_accuracy else "--time-to-accuracy"))
+    if args.record and os.path.exists(args.record) and not os.path.isdir(args.record):
+        raise NinError(f"--record {args.record}: not a directory")  # before minutes of measuring, not after
     configure_runtime(args.threads)
     report = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else \
         (lambda line: print(line, flush=True))
@@ -842,12 +851,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cfg = preset(args.preset)
         if args.epochs:
             cfg.train.epochs = args.epochs
+        if args.subset:
+            cfg.data.subset = args.subset
         cfg.device = args.device
         cfg.data.data_dir = args.data_dir or cfg.data.data_dir
         for f in ("amp", "channels_last", "compile", "fused", "fold_bn"):
             if getattr(args, f) is not None:
                 setattr(cfg.train, f, getattr(args, f))
-        result = time_to_accuracy(cfg, targets, report)
+        result = {"preset": args.preset, **time_to_accuracy(cfg, targets, report)}
     else:
         kw = {f: getattr(args, f) for f in ("model", "size", "batch_size", "device", "amp", "channels_last",
                                             "compile", "fused", "fold_bn", "warmup", "steps", "block_seconds",
@@ -855,8 +866,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         kw = {k: v for k, v in kw.items() if v is not None}
         ablate = True if args.ablate == "all" else [a.strip() for a in (args.ablate or "").split(",") if a.strip()]
         result = run_bench(BenchConfig(**kw), baseline=args.baseline, ablate=ablate, report=report)
+    rec = make_record(result, "time-to-accuracy" if args.time_to_accuracy else "speed",
+                      shlex.join(["nin", *getattr(args, "argv", ["bench"])]))
+    if args.record:
+        report(f"record: {write_record(rec, args.record)}")
     if args.json:
-        print(json.dumps(result, indent=1))
+        print(json.dumps({**result, "machine": rec["machine"]}, indent=1))
     return 0
 
 
@@ -988,7 +1003,9 @@ def _named_stdout():
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _named_stdout():
+            argv = list(sys.argv[1:] if argv is None else argv)
             args = build_parser().parse_args(argv)
+            args.argv = argv  # as given, for records of the run (nin bench --record)
             from nin.distributed import from_environment
 
             if from_environment().distributed and args.command != "train":
