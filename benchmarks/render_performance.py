@@ -114,7 +114,8 @@ def _tta(records: list[dict[str, Any]]) -> list[str]:
             hits.append(f"{hit['seconds']:.1f} s (epoch {hit['epoch']})" if hit else "no")
         final = r["epochs"][-1]["test_acc"] if r["epochs"] else None
         cfg = r["config"]
-        rows.append(f"| `{r.get('preset') or cfg.get('preset') or cfg['model']['name']}` | {cfg['train']['epochs']} | {hits[0]} | "
+        recipe = r.get("preset") or cfg.get("preset") or cfg["model"]["name"]
+        rows.append(f"| `{recipe}` | {cfg['train']['epochs']} | {hits[0]} | "
                     f"{hits[1]} | {_num(final, 4)} | {r['seconds']:.1f} s | "
                     f"[{rec['recorded'][:10]}](../benchmarks/results/{rec['file']}) |")
     notes = sorted({rec["source"] for rec in records if rec.get("source")})

@@ -59,6 +59,7 @@ def test_a_tiny_run_reports_every_figure(one_thread):
     assert case["settings"]["fold_bn"] and not case["settings"]["compile"]
 
 
+@pytest.mark.slow
 def test_ablation_flips_each_switch_once(one_thread):
     lines: list[str] = []
     out = run_bench(BenchConfig(model="nin28", batch_size=16, amp="none", **TINY), ablate=True,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from nin.run import preset, train
 
 
+@pytest.mark.slow
 def test_nin28_learns_fashion_mnist_from_5000_images(tmp_path, fashion_mnist):
     cfg = preset("default")
     cfg.data.subset = 5000  # a seeded random 5,000 of the 60,000 training images
@@ -17,6 +20,7 @@ def test_nin28_learns_fashion_mnist_from_5000_images(tmp_path, fashion_mnist):
     assert epoch["test_acc"] > 0.75, epoch
 
 
+@pytest.mark.slow
 def test_fast_paths_cost_no_accuracy(tmp_path, fashion_mnist):
     """bf16/channels_last (native or emulated, whatever this CPU is) learns as well as fp32/NCHW on the same data.
 

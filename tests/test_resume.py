@@ -81,6 +81,7 @@ def resume(run: Path) -> subprocess.Popen:
     return start("--resume", str(run), "--threads", "1", "--quiet")
 
 
+@pytest.mark.slow
 def test_sigterm_then_sigkill_at_a_random_step_then_resume_is_bit_exact(reference, tmp_path):
     """One run, stopped twice: SIGTERM (it saves where it stops), then, resumed, SIGKILL at a random moment
     (it loses the steps since its last checkpoint, maybe in the middle of writing one); resumed again, it

@@ -100,6 +100,7 @@ def shared(tmp_path_factory, fashion_mnist, one_thread) -> tuple[Path, str]:
     return out, stdout
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_sqlite_study(shared):
     out, stdout = shared
     trials = load(out).trials
