@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from nin.doctor import fingerprint
 from nin.profile import ModelProfile
 from nin.registry import list_models
 from nin.report import mib, pct, render, render_compare, si
@@ -95,6 +96,7 @@ def main() -> None:
     measured = d2l.measured
     today = datetime.date.today().isoformat()
     cpu = measured["device"]
+    kind = fingerprint()["kind"]
     doc: list[str] = []
     add = doc.extend
 
@@ -105,7 +107,7 @@ def main() -> None:
         "[`benchmarks/resources.py`](../benchmarks/resources.py), which runs the `nin profile` commands quoted",
         "below and arranges their JSON; nothing here is typed in by hand.",
         "",
-        f"**Machine:** {cpu}, {platform.system()} {platform.machine()}, no GPU. **Software:** torch",
+        f"**Machine:** {cpu}, {platform.system()} {platform.machine()}, no GPU, kind `{kind}`. **Software:** torch",
         f"{torch.__version__}, Python {platform.python_version()}. **Date:** {today}.",
         "",
         "**How it is counted.** Parameters, multiply-accumulates (MACs; 1 MAC = 2 FLOPs) and the bytes each",
@@ -262,8 +264,8 @@ def main() -> None:
         "",
         "The estimate models PyTorch's eager autograd and caching allocator. At the trainer's settings",
         "(float32, channels_last) it is close to the measurement for every registered model (the table",
-        "above; the tests hold it within 15% at smaller batches), but two settings on this CPU are outside",
-        "what it models:",
+        "above; the tests hold it within 15% at smaller batches), but two settings on the machine above",
+        "are outside what it models:",
         "",
         "- **NCHW on a CPU** (`--no-channels-last`): the measured peak is higher than the replay predicts,",
         "  most likely from oneDNN's reordered copies of activations in its own layout, which the estimate",
@@ -273,7 +275,8 @@ def main() -> None:
           f" ({pct(p.inference.peak, p.measured['inference'])}); training {mib(p.training.peak)} against"
           f" {mib(p.measured['training'])} ({pct(p.training.peak, p.measured['training'])})" for _, p in nchw],
         "",
-        "- **bfloat16 autocast on a CPU without native bf16** (this one): the kernels work through",
+        "- **bfloat16 autocast on a CPU without native bf16** (as the machine above, if its kind is",
+        "  `cpu-avx2`): the kernels work through",
         "  temporary copies the estimate does not count:",
         "",
         *[f"  - {p.model}: inference {mib(p.inference.peak)} estimated, {mib(p.measured['inference'])} measured"
