@@ -137,9 +137,10 @@ def _stress(kind: str) -> list[str]:
         s = json.loads(path.read_text())
         runs = s.get("runs", [])
         ok = sum(1 for x in runs if x.get("exit") == 0)
-        load = " under extra CPU load" if s.get("load") else ""
-        lines.append(f"- `bash benchmarks/torchrun_stress.sh`{load}: **{ok} of {len(runs)}** 2-process torchrun "
-                     f"runs exited 0 ({s.get('date', '?')[:10]}, [record](../benchmarks/results/{path.name})).")
+        load = " --load" if s.get("load") else ""
+        code = "the code before the exit fix" if "before-fix" in path.name else "the fixed code"
+        lines.append(f"- `bash benchmarks/torchrun_stress.sh{load}` on {code}: **{ok} of {len(runs)}** 2-process "
+                     f"torchrun runs exited 0 ({s.get('date', '?')[:10]}, [record](../benchmarks/results/{path.name})).")
     return ["### torchrun stress", "", *lines, ""] if lines else []
 
 

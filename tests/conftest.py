@@ -20,10 +20,13 @@ from nin.train import AMP_ENV, amp_choice
 
 PRECISIONS = ("auto", "none", "bf16", "fp16")
 
-#: Relative tolerance for comparing two runs of the same training computation whose sums are only ordered
-#: differently (another process count, a compiled graph), by the precision the forward pass ran in. bf16 and
-#: fp16 keep 8 and 11 bits of mantissa against fp32's 24, and a few steps of training amplify the difference.
-TOLERANCE = {"none": 1e-3, "bf16": 5e-2, "fp16": 1e-2}
+#: Relative tolerance for comparing the weights of two runs of the same training computation whose sums are
+#: only ordered differently (another process count, other kernels), by the precision the forward pass ran in.
+#: A few steps of training amplify the last-bit differences. In fp32 they depend on the machine: 2 processes
+#: of 32 images against 1 of 64 (tests/test_distributed.py) differ by 5e-5 on AVX2, but by 2.0e-3 on AVX-512
+#: and AMX CPUs, where oneDNN blocks a batch of 32 otherwise than one of 64; another computation (another
+#: global batch) differs by 0.45. bf16 and fp16 keep 8 and 11 bits of mantissa against fp32's 24.
+TOLERANCE = {"none": 1e-2, "bf16": 5e-2, "fp16": 2e-2}
 
 
 def pytest_addoption(parser):

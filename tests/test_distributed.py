@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TOLERANCE
 from safetensors.torch import load_file
 
 from nin import checkpoint as ckpt
@@ -65,25 +66,28 @@ def runs(tmp_path_factory, fashion_mnist):
     return root, two
 
 
+@pytest.mark.slow  # torchrun: real processes
 def test_two_processes_of_half_the_batch_reach_the_weights_of_one_process(runs):
     root, _ = runs
     two, one = final_weights(root / "two"), final_weights(root / "one")
     # fp32 sums in another order (two halves of the batch, then an all-reduce) differ in the last bits, and
     # training amplifies that a little each step; a different computation differs by far more (next test).
-    assert relative_difference(two, one) < 1e-3
+    assert relative_difference(two, one) < TOLERANCE["none"]
     earlier = load_file(root / "one" / "checkpoints" / "step-0000004" / "model.safetensors")
     assert relative_difference(one, earlier) > 1e-2  # and the weights did move: the comparison means something
 
 
+@pytest.mark.slow  # torchrun: real processes
 def test_the_tolerance_tells_runs_apart(runs, tmp_path):
     # 1 process of batch 32 (another global batch) is far outside the tolerance the test above uses
     root, _ = runs
     other = nin(*COMMON, "--batch-size", "32", "--max-steps", "8", "--threads", "1", "--out", str(tmp_path / "r"))
     assert other.returncode == 0, other.stderr
     a, b = final_weights(tmp_path / "r"), final_weights(root / "one")
-    assert relative_difference(a, b) > 1e-2
+    assert relative_difference(a, b) > 10 * TOLERANCE["none"]
 
 
+@pytest.mark.slow  # torchrun: real processes
 def test_metrics_are_reduced_over_processes(runs):
     root, _ = runs
     two, one = history(root / "two"), history(root / "one")
@@ -94,6 +98,7 @@ def test_metrics_are_reduced_over_processes(runs):
         assert a["test_acc"] == pytest.approx(b["test_acc"], abs=1 / 200 + 1e-9)  # the whole test subset, 2 shares
 
 
+@pytest.mark.slow  # torchrun: real processes
 def test_only_the_main_process_writes(runs):
     root, two = runs
     assert sorted(p.name for p in (root / "two").iterdir()) == [
@@ -102,6 +107,7 @@ def test_only_the_main_process_writes(runs):
     assert two.stdout.count("run directory:") == 1  # one summary, from rank 0
 
 
+@pytest.mark.slow  # torchrun: real processes
 def test_a_distributed_run_resumes_exactly(runs, tmp_path):
     """A copy of the run as it was at step 6 (inside epoch 2), resumed by 2 processes, ends as the run did, bit
     for bit (each process's partial sums of the epoch were saved)."""
@@ -120,6 +126,7 @@ def test_a_distributed_run_resumes_exactly(runs, tmp_path):
     assert [{k: h[k] for k in keys} for h in history(out)] == [{k: h[k] for k in keys} for h in history(root / "two")]
 
 
+@pytest.mark.slow  # torchrun: real processes
 def test_resuming_with_another_number_of_processes_is_one_clear_error(runs, capsys):
     root, _ = runs
     before = {p: p.read_bytes() for p in (root / "two").iterdir() if p.is_file()}
@@ -130,6 +137,7 @@ def test_resuming_with_another_number_of_processes_is_one_clear_error(runs, caps
     assert {p: p.read_bytes() for p in (root / "two").iterdir() if p.is_file()} == before  # config.json too
 
 
+@pytest.mark.slow  # torchrun: real processes
 def test_an_error_on_the_main_process_stops_every_process_with_one_line(runs):
     root, _ = runs
     before = (root / "two" / "metrics.jsonl").read_bytes()
@@ -140,6 +148,55 @@ def test_an_error_on_the_main_process_stops_every_process_with_one_line(runs):
     # torchrun's own agent prints a ChildFailedError traceback for any failed child; none comes from nin
     assert "nin/cli.py" not in r.stderr and "nin/run.py" not in r.stderr
     assert (root / "two" / "metrics.jsonl").read_bytes() == before
+
+
+LEAVE = '''
+import os, threading, time, weakref
+import torch, torch.distributed as dist
+from nin import distributed
+
+released = threading.Event()
+
+def on_release(_):  # on a gloo worker thread, inside the deallocation of the tensor (sleep releases the GIL)
+    released.set()
+    time.sleep(0.5)
+
+def work(rank):
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))  # as nin's Trainer does
+    model(torch.randn(2, 4)).sum().backward()
+    out = [torch.zeros(1) for _ in range(2)]
+    if rank == 1:
+        time.sleep(0.3)
+        dist.all_gather(out, torch.ones(1))
+        return None
+    dist.all_gather(out, torch.ones(1), async_op=True)  # done when rank 1 joins; its worker thread frees out
+    return weakref.ref(out[0], on_release)
+
+env = distributed.setup("cpu")
+ref = work(env.rank)
+if env.rank == 0:
+    assert released.wait(60)
+distributed.teardown()
+tasks = "/proc/self/task"
+names = [open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)] if os.path.isdir(tasks) else []
+print(f"rank {env.rank} threads left:", ",".join(sorted(n for n in names if "gloo" in n)) or "none", flush=True)
+'''
+
+
+@pytest.mark.slow  # torchrun: real processes
+def test_leaving_the_process_group_stops_its_threads_before_the_interpreter_exits(tmp_path):
+    """A gloo worker thread that frees a finished collective's Python tensors after Py_FinalizeEx has begun
+    aborts the process ("terminate called without an active exception", exit -6): once in a while at the end
+    of a torchrun run, every time here, where that deallocation is made to last 0.5 s. teardown() must destroy
+    the group, joining those threads, even after DistributedDataParallel has imported torch.distributed.nn."""
+    (tmp_path / "leave.py").write_text(LEAVE)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(tmp_path / "leave.py")], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and "terminate called" not in r.stderr, r.stderr[-3000:]
+    if Path("/proc/self/task").is_dir():
+        left = sorted(line for line in r.stdout.splitlines() if "threads left" in line)
+        assert left == ["rank 0 threads left: none", "rank 1 threads left: none"]
 
 
 # ------------------------------------------------------------------- in-process: the environment

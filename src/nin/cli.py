@@ -830,6 +830,17 @@ _SPEED_ONLY = ("model", "size", "batch_size", "warmup", "steps", "block_seconds"
 _TTA_ONLY = ("preset", "epochs", "targets", "subset")
 
 
+def _command_line(args: argparse.Namespace, defaults: dict) -> str:
+    """The command that repeats ``args``: its name and every flag whose value differs from the default."""
+    words = ["nin", args.command]
+    for k, v in vars(args).items():
+        if k == "command" or v == defaults.get(k) or v is None:
+            continue
+        flag = f"--{k.replace('_', '-')}"
+        words += [flag] if v is True else [f"--no-{k.replace('_', '-')}"] if v is False else [flag, str(v)]
+    return shlex.join(words)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from nin.bench import BenchConfig, run_bench, time_to_accuracy
     from nin.records import make_record, write_record
@@ -867,7 +878,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ablate = True if args.ablate == "all" else [a.strip() for a in (args.ablate or "").split(",") if a.strip()]
         result = run_bench(BenchConfig(**kw), baseline=args.baseline, ablate=ablate, report=report)
     rec = make_record(result, "time-to-accuracy" if args.time_to_accuracy else "speed",
-                      shlex.join(["nin", *getattr(args, "argv", ["bench"])]))
+                      _command_line(args, defaults))
     if args.record:
         report(f"record: {write_record(rec, args.record)}")
     if args.json:
@@ -1003,9 +1014,7 @@ def _named_stdout():
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _named_stdout():
-            argv = list(sys.argv[1:] if argv is None else argv)
             args = build_parser().parse_args(argv)
-            args.argv = argv  # as given, for records of the run (nin bench --record)
             from nin.distributed import from_environment
 
             if from_environment().distributed and args.command != "train":

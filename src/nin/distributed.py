@@ -12,13 +12,27 @@ read a checkpoint) and steps that can fail on one process only (a missing data
 file on one machine). :func:`on_main` and :func:`agree` make every process
 raise the same :class:`~nin.errors.NinError` instead of leaving the others
 waiting forever on a collective the failed process never reaches.
+
+Leaving the group (:func:`teardown`, or :func:`joined` around a whole command) must stop gloo's
+worker threads before the interpreter exits. Each collective's work object holds its tensors, and the
+gloo thread that ran it drops them a moment after the collective completes; for tensors made in Python
+(``all_gather_object``'s are) that deallocates Python objects and takes the GIL. If the interpreter has
+begun exiting meanwhile (``Py_FinalizeEx``), CPython ends that thread with ``pthread_exit`` inside a
+``noexcept`` C++ destructor, and the process dies: "terminate called without an active exception",
+SIGABRT (now and then SIGSEGV), once in a few dozen 2-process runs on a busy machine. Destroying the
+group joins its threads first, provided nothing else still holds the group: see :func:`setup` and
+:func:`teardown` for what did.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import gc
+import importlib
 import os
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -117,6 +131,13 @@ def setup(device_name: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
     else:
         device = torch.device("cpu" if device_name == "auto" else device_name)
     if not dist.is_initialized():
+        # Before the group exists: ten functions of torch.distributed.nn.functional take
+        # ``group=group.WORLD`` as a default argument, evaluated at import. Imported once the group exists
+        # (DistributedDataParallel's first construction imports it, through torch.distributed._shard), they
+        # hold the group for good: destroy_process_group cannot destroy it, and its gloo threads outlive
+        # teardown into the interpreter's exit (see the module docstring). Imported now, the defaults are None.
+        importlib.import_module("torch.distributed.nn")
+
         kw: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
         try:
             dist.init_process_group(backend_for(device), timeout=_dt.timedelta(minutes=timeout_minutes), **kw)
@@ -125,9 +146,67 @@ def setup(device_name: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
     return env
 
 
-def teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
+def teardown(*, synchronize: bool = True, timeout_seconds: float = 120.0) -> None:
+    """Leave the process group: wait for the other processes (``synchronize``), then destroy the group.
+
+    Destroying it joins its threads, which finish dropping the last collectives' tensors while the
+    interpreter is still whole (see the module docstring). Objects that still hold the group (a
+    ``DistributedDataParallel`` model caught in a reference cycle) are collected first, so that the
+    group dies here, its last reference dropped without the GIL, and not during the interpreter's exit.
+
+    ``synchronize``: a barrier first (at most ``timeout_seconds`` on gloo), so no process tears down
+    while another is still talking to it. Only where every process is known to arrive: on an error path
+    the others may be inside another collective. Without a process group this does nothing.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if synchronize:
+            try:
+                if dist.get_backend() == "gloo":
+                    dist.monitored_barrier(timeout=_dt.timedelta(seconds=timeout_seconds), wait_all_ranks=True)
+                else:
+                    dist.barrier()
+            except RuntimeError:  # another process is late or gone: leave anyway, torchrun reports that one
+                pass
+    finally:
+        gc.collect()
         dist.destroy_process_group()
+
+
+def _release_frames(error: BaseException) -> None:
+    """Drop the local variables of the finished frames ``error``'s traceback holds (its chained errors'
+    too): a distributed model among them would keep the process group alive past :func:`teardown`.
+    The traceback still prints as before (file, line and code)."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [error]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        stack += [e.__cause__, e.__context__]
+
+
+@contextmanager
+def joined(device_name: str = "auto") -> Iterator[DistEnv]:
+    """:func:`setup` on entry; on exit, however it happens (a return, an error, KeyboardInterrupt),
+    :func:`teardown`, synchronized only after a normal exit. Without torchrun this only yields the
+    single-process :class:`DistEnv`."""
+    env = setup(device_name)
+    if not env.distributed:
+        yield env
+        return
+    ok = False
+    try:
+        yield env
+        ok = True
+    except BaseException as e:
+        _release_frames(e)
+        raise
+    finally:
+        teardown(synchronize=ok)
 
 
 def agree(fn: Callable[[], T], *, run_here: bool = True) -> T | None:
