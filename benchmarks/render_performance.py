@@ -139,8 +139,9 @@ def _stress(kind: str) -> list[str]:
         ok = sum(1 for x in runs if x.get("exit") == 0)
         load = " --load" if s.get("load") else ""
         code = "the code before the exit fix" if "before-fix" in path.name else "the fixed code"
+        link = f"[record](../benchmarks/results/{path.name})"
         lines.append(f"- `bash benchmarks/torchrun_stress.sh{load}` on {code}: **{ok} of {len(runs)}** 2-process "
-                     f"torchrun runs exited 0 ({s.get('date', '?')[:10]}, [record](../benchmarks/results/{path.name})).")
+                     f"torchrun runs exited 0 ({s.get('date', '?')[:10]}, {link}).")
     return ["### torchrun stress", "", *lines, ""] if lines else []
 
 
