@@ -560,3 +560,40 @@ def test_dropout_on_a_nin_without_dropout_stages_adds_one_after_each_pooling_sta
     assert not any(isinstance(m, nn.Dropout) for m in plain.modules())
     assert not any(isinstance(m, nn.Dropout) for m in create_model("nin28", dropout=0.0).modules())
     assert [m.p for m in create_model("nin_d2l", dropout=0.3).modules() if isinstance(m, nn.Dropout)] == [0.3]
+
+
+@pytest.mark.parametrize("name", ["nin_d2l", "nin_cifar10"])
+def test_the_fused_bf16_cpu_path_computes_what_the_modules_do(monkeypatch, name):
+    """Under bf16 autocast on a CPU, conv+ReLU pairs run as one oneDNN primitive: the same outputs and gradients,
+    bit for bit, as module by module; the 1-channel strided first conv as a space-to-depth conv, to bf16 rounding."""
+    from nin.train import bf16_native
+
+    torch.manual_seed(0)
+    model = create_model(name, input_size=(96, 96)).eval()  # eval: no dropout masks to line up
+    channels = model.input_size[0]
+    x = torch.randn(4, channels, 96, 96)
+    if not bf16_native(torch.device("cpu")):  # oneDNN's bf16 kernels need AVX-512: autocast emulates bf16 instead
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not models._fused_cpu_ok(model.features, x)
+        pytest.skip("the fused path runs only where this CPU has native bf16")
+
+    def run(fused: bool, space_to_depth: bool):
+        monkeypatch.setattr(models, "FUSED_CPU_BLOCKS", fused)
+        monkeypatch.setattr(models, "SPACE_TO_DEPTH_FIRST_CONV", space_to_depth)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+        return out.detach().float(), [p.grad.clone() for p in model.parameters()]
+
+    calls = []
+    fused_pair = models._conv_relu
+    monkeypatch.setattr(models, "_conv_relu", lambda conv, x: calls.append(conv) or fused_pair(conv, x))
+    (ref, ref_grads), (out, grads) = run(False, False), run(True, False)
+    assert len(calls) == sum(isinstance(m, nn.Conv2d) for m in model.modules())  # every conv took the fused path
+    assert torch.equal(out, ref)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    out, grads = run(True, True)
+    torch.testing.assert_close(out, ref, rtol=3e-2, atol=3e-2)
+    for a, b in zip(grads, ref_grads):
+        assert float((a - b).norm() / b.norm().clamp(min=1e-12)) < 5e-2

@@ -258,7 +258,7 @@ def fast_case(cfg: BenchConfig, data, device: torch.device, flops: tuple[int, in
     enters on a CPU), so that its warm-up also warms the allocator: otherwise each of the case's several
     ``fit``/``evaluate`` calls would give its memory back on leaving and start its first timed step or
     batch by page-faulting it in again, a start-up cost a real run pays once (the 3-batch inference
-    blocks measured 560 img/s that way, 770-810 without it). The seed's way runs outside it, as the seed did.
+    blocks measured 560 img/s that way, 769-874 without it). The seed's way runs outside it, as the seed did.
     """
     from nin.train import _FreedMemoryKept
 

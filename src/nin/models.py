@@ -262,6 +262,8 @@ def _fused_cpu_ok(features: nn.Module, x: torch.Tensor) -> bool:
         return False
     if not torch.backends.mkldnn.enabled or not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
         return False
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():  # its bf16 kernels need AVX-512 (or AVX-NE-CONVERT):
+        return False  # without them autocast's own path emulates bf16, and this one would raise
     from torch.nn.modules import module as _module
 
     if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
