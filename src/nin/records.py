@@ -79,13 +79,17 @@ def write_record(rec: dict[str, Any], directory: str | os.PathLike[str]) -> Path
     raise NinError(f"{directory}: too many records named {base}")
 
 
-def read_record(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """One record, checked: a file that is not one is a NinError naming it."""
-    path = Path(path)
+def _load(path: Path) -> Any:
     try:
-        rec = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise NinError(f"{path}: not a readable JSON record ({e})") from None
+
+
+def read_record(path: str | os.PathLike[str], rec: Any = None) -> dict[str, Any]:
+    """One record, checked (``rec``: its already parsed content): a file that is not one is a NinError naming it."""
+    path = Path(path)
+    rec = _load(path) if rec is None else rec
     if not isinstance(rec, dict) or rec.get("format") != FORMAT:
         raise NinError(f"{path}: not a nin bench record (no \"format\": \"{FORMAT}\")")
     if rec.get("version") != VERSION or rec.get("what") not in WHAT:
@@ -100,12 +104,9 @@ def load_records(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
     files there (the stress script's, say) are left alone."""
     records = []
     for path in sorted(Path(directory).glob("*.json")):
-        try:
-            declared = json.loads(path.read_text()).get("format") == FORMAT
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            declared = True  # let read_record name what is wrong with it
-        if declared:
-            rec = read_record(path)
+        content = _load(path)  # unreadable JSON here is an error: every file in a results folder is ours
+        if isinstance(content, dict) and content.get("format") == FORMAT:
+            rec = read_record(path, content)
             rec["file"] = path.name
             records.append(rec)
     return sorted(records, key=lambda r: r["recorded"])
