@@ -56,7 +56,7 @@ def test_space_overrides_keep_scales_type_check_and_add_settings():
     assert space["batch_size"].choices == (32,)
     assert space["epochs"] == Dim("epochs", "int", 2, 5)
     for bad, says in [("nope=1", "unknown setting 'nope'"), ("schedule=linear", "schedule must be one of"),
-                      ("lr=1..0.1", "low < high"), ("lr", "KEY=LOW..HIGH"), ("lr=-1..1:log", "positive"),
+                      ("lr=1..0.1", "low < high"), ("lr", "KEY=LOW..HIGH"), ("lr=-1..1:log", "lr must be > 0"),
                       ("batch_size=big", "batch_size must be int")]:
         with pytest.raises(Exception, match=says):
             parse_space([bad])
@@ -218,3 +218,90 @@ def test_bad_config_files_and_out_dirs_and_studies_are_one_line_errors(tmp_path,
 def main_err(argv: list[str], capsys) -> str:
     assert main(["tune", *argv]) == 2
     return capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ --storage URLs
+
+
+def storage_err(url: str, tmp_path: Path, monkeypatch, capsys) -> str:
+    """``nin tune --storage URL``: exit 2 with one line, before any data is read and with nothing written."""
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data set was read before the storage was opened")
+
+    monkeypatch.setattr(run, "build", no_data)
+    before = sorted(tmp_path.rglob("*"))
+    code = main(["tune", "--storage", url, "--trials", "1", "--out", str(tmp_path / "t"), *TINY])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("nin: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "secret" not in err  # never a password
+    assert sorted(tmp_path.rglob("*")) == before  # nothing under --out, nor anywhere else
+    return err
+
+
+@pytest.mark.parametrize("url, says", [
+    ("notaurl://:::", ["--storage: not a database URL: 'notaurl://:::'", "e.g. sqlite:///path/to/tune.db"]),
+    ("", ["--storage: not a database URL: ''", "e.g. sqlite:///path/to/tune.db"]),
+    ("postgresql://user:secret@host:badport/db", ["not a database URL: 'postgresql://user:***@host:badport/db'"]),
+    ("tune.log", ["not a database URL: 'tune.log'", "not in an Optuna journal file"]),
+    ("nodb://user:secret@host/db", ["--storage nodb://user:***@host/db: cannot open it: 'nodb' is not a database"]),
+    ("postgresql+nope://user:secret@host/db", ["SQLAlchemy has no postgresql driver 'nope'"]),
+    ("postgresql+asyncpg://user:secret@127.0.0.1:1/db", ["asyncpg is an asyncio driver, which Optuna cannot use"]),
+    ("sqlite://", ["an in-memory SQLite database is gone when nin tune ends"]),
+    ("sqlite:////nonexistent-dir/x.db", ["cannot open it: the folder /nonexistent-dir does not exist"]),
+])
+def test_a_bad_storage_url_is_one_line_before_anything_is_read_or_written(url, says, tmp_path, monkeypatch, capsys):
+    assert not Path("/nonexistent-dir").exists()
+    err = storage_err(url, tmp_path, monkeypatch, capsys)
+    for s in says:
+        assert s in err, err
+
+
+def test_a_sqlite_storage_that_is_a_directory_or_not_a_database_is_one_line(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "dbs"
+    folder.mkdir()
+    err = storage_err(f"sqlite:///{folder}", tmp_path, monkeypatch, capsys)
+    assert f"cannot open it: {folder} is a directory; name a database file, e.g. sqlite:///{folder}/tune.db" in err
+    (folder / "file").write_text("not a folder")
+    err = storage_err(f"sqlite:///{folder}/file/x.db", tmp_path, monkeypatch, capsys)
+    assert f"the folder {folder}/file is not a directory" in err
+    (folder / "notes.db").write_text("not a database")
+    err = storage_err(f"sqlite:///{folder}/notes.db", tmp_path, monkeypatch, capsys)
+    assert f"cannot open it: {folder}/notes.db is not an SQLite database" in err
+
+
+@pytest.mark.parametrize("url, module, package", [
+    ("postgresql+psycopg2://user:secret@127.0.0.1:1/db", "psycopg2", "psycopg2-binary"),
+    ("postgresql://user:secret@127.0.0.1:1/db", None, None),  # SQLAlchemy's default driver: psycopg or psycopg2
+    ("mysql://user:secret@127.0.0.1:1/db", "MySQLdb", "mysqlclient"),
+    ("mysql+pymysql://user:secret@127.0.0.1:1/db", "pymysql", "pymysql"),
+])
+def test_a_database_url_names_the_driver_to_install_or_the_server_that_does_not_answer(url, module, package,
+                                                                                        tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from sqlalchemy.engine import make_url
+
+    if module is None:
+        module, package = {"psycopg": ("psycopg", "'psycopg[binary]'"),
+                           "psycopg2": ("psycopg2", "psycopg2-binary")}[make_url(url).get_driver_name()]
+    err = storage_err(url, tmp_path, monkeypatch, capsys)
+    assert f"--storage {url.replace('secret', '***')}: cannot open it: " in err
+    if importlib.util.find_spec(module) is None:
+        assert f"is not installed (no module {module!r}); pip install {package}" in err, err
+    else:  # the driver is there: nothing listens on port 1
+        assert "the database server did not let us in" in err and "check the host, port" in err, err
+
+
+def test_a_database_that_refuses_is_one_line_without_the_password(tmp_path, monkeypatch, capsys):
+    from sqlalchemy.exc import OperationalError
+
+    def refuse(url, **kwargs):
+        raise OperationalError("SELECT 1", {}, Exception('connection to server at "db.example" failed: password '
+                                                         'authentication failed (tried secret)\nDETAIL: more'))
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", refuse)
+    err = storage_err("postgresql+psycopg2://user:secret@db.example/db", tmp_path, monkeypatch, capsys)
+    assert ("--storage postgresql+psycopg2://user:***@db.example/db: cannot open it: the database server did not "
+            "let us in (connection to server at \"db.example\" failed: password authentication failed (tried ***))"
+            in err), err
