@@ -165,11 +165,13 @@ def test_download_is_verified_before_it_is_kept(tmp_path, c10):
         return FakeResponse(body)
 
     target = tmp_path / "fresh"
+    target.mkdir()  # a named directory must exist; the archive is downloaded into it
     split = load(spec, "test", target, opener=opener)
     assert seen == ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"] and len(split.images) == 60
     assert (target / CIFAR10.archive).read_bytes() == body
 
     bad = tmp_path / "bad"
+    bad.mkdir()
     with pytest.raises(DataError, match="checksum mismatch"):
         load(spec, "test", bad, opener=lambda url, timeout: FakeResponse(body[:-1] + b"x"))
     assert not (bad / CIFAR10.archive).exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import re
 import types
 import urllib.error
 from pathlib import Path
@@ -317,7 +318,12 @@ def test_lookup_order(tmp_path, monkeypatch):
     for path in cache.iterdir():
         path.unlink()
     assert images_dir() == debian
-    assert images_dir(data_dir=tmp_path / "empty") == debian
+    # a named directory is the only place looked: it must exist, and data elsewhere is not used instead
+    with pytest.raises(DataError, match="empty: no such directory"):
+        images_dir(data_dir=tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.NotFoundError, match="no .* in " + re.escape(f"{tmp_path / 'empty'}. ")):
+        images_dir(data_dir=tmp_path / "empty")
 
 
 def test_plain_file_preferred_over_gz(tmp_path):
@@ -330,6 +336,7 @@ def test_plain_file_preferred_over_gz(tmp_path):
 
 def test_offline_message(tmp_path):
     spec = make_spec(tmp_path, mirrors=("http://mirror.invalid/fake/",))
+    (tmp_path / "empty").mkdir()  # a named directory must exist
     with pytest.raises(DataError) as err:
         data.load_split(spec, "test", data_dir=tmp_path / "empty", opener=failing_opener)
     message = str(err.value)
@@ -370,6 +377,7 @@ def test_download_into_data_dir(tmp_path):
         (tmp_path / "mirror").as_uri() + "/",
     ))
     target = tmp_path / "target"
+    target.mkdir()  # a named directory must exist; missing files are downloaded into it
     images, labels = data.load_split(spec, "test", data_dir=target)
     assert images.shape == (4, 1, 4, 4) and labels.shape == (4,)
     assert sorted(p.name for p in target.iterdir()) == [
@@ -393,6 +401,7 @@ def test_download_checksum_failure_leaves_nothing(tmp_path):
     sums["t10k-images-idx3-ubyte"] = "cd" * 32
     spec = make_spec(tmp_path, sha256=sums, mirrors=((tmp_path / "mirror").as_uri() + "/",))
     target = tmp_path / "target"
+    target.mkdir()
     with pytest.raises(DataError, match="checksum mismatch") as err:
         data.find_files(spec, data_dir=target, splits=["test"])
     assert "t10k-images-idx3-ubyte" in str(err.value)

@@ -79,13 +79,13 @@ def test_unreadable_files_are_named_one_line_each_and_the_rest_are_still_classif
     out, err = capsys.readouterr()
     assert out.startswith(f"{good}: ") and out.count("\n") == 1
     assert err.splitlines() == [f"nin: error: {broken}: cannot decode image: cannot identify image file '{broken}'",
-                                f"nin: error: {missing}: no such file"]
+                                f"nin: error: {missing}: no such file or directory"]
     assert main(["predict", str(run_dir), str(broken)]) == 2  # nothing could be classified
 
 
 @pytest.mark.parametrize("argv,needle", [
     (["predict", "/no/such/run", "x.png"], "/no/such/run"),
-    (["predict", "RUN", "x.png", "--top-k", "0"], "expected a positive integer"),
+    (["predict", "RUN", "x.png", "--top-k", "0"], "expected an integer in [1, 100,000]"),
     (["predict", "RUN"], "the following arguments are required: IMAGE"),
 ])
 def test_bad_predict_arguments_are_one_line(run_dir, capsys, argv, needle):

@@ -5,14 +5,17 @@ Reading top to bottom:
 1. :class:`CifarDataset` describes an archive as plain data; :data:`CIFAR` holds the two.
 2. :func:`read_archive` reads the batches straight out of the ``.tar.gz`` without
    extracting anything to disk, so no member name can escape a directory; members
-   with absolute or ``..`` paths, links or devices make the archive refused.
+   with absolute or ``..`` paths, links or devices make the archive refused, and so
+   do more than :data:`MAX_MEMBERS` members or a member declaring more bytes than a
+   batch of the data set can hold (:attr:`CifarDataset.max_member`), before it is read.
    Each batch is a pickle, and pickles can run code: :class:`_BatchUnpickler`
    accepts only the globals a numpy array needs, and the result must be exactly
    a uint8 ``[N, 3072]`` array and N integer labels in range.
-3. :func:`load` finds the archive (``--data-dir`` / ``NIN_DATA_DIR``, the user
-   cache), downloads it if missing (MD5-verified against the published sum,
-   atomically), and keeps the decoded split as a uint8 tensor file next to it, keyed
-   by the archive's size and modification time, so later runs skip the decoding.
+3. :func:`load` finds the archive (only in ``--data-dir`` / ``NIN_DATA_DIR`` when
+   one is named, which must exist; else in the user cache), downloads it if missing
+   (MD5-verified against the published sum, atomically), and keeps the decoded split
+   as a uint8 tensor file next to it, keyed by the archive's size and modification
+   time, so later runs skip the decoding.
 
 Every problem is a :class:`~nin.data.DataError` naming the file.
 """
@@ -44,11 +47,16 @@ from nin.data import (
     Split,
     cache_dir,
     download_file,
+    existing_file,
     save_cache_file,
     user_data_dir,
 )
+from nin.files import open_regular, os_reason
 
 CACHE_VERSION = 1
+MAX_MEMBERS = 100  # the official archives hold 8 and 9; a tar of millions of tiny members is refused early
+# The declared size of all members together: the official archives hold 178 and 185 MB.
+MAX_CONTENT_BYTES = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,8 @@ class CifarDataset:
     num_classes: int
     mirrors: tuple[str, ...] = ("https://www.cs.toronto.edu/~kriz/",)
     image_shape: tuple[int, int, int] = (3, 32, 32)
+    # The most bytes one member may declare: a CIFAR-10 batch of 10,000 images is 31 MB.
+    max_member: int = 64 * 1024 * 1024
 
 
 CIFAR10 = CifarDataset(
@@ -96,6 +106,7 @@ CIFAR100 = CifarDataset(
     label_key="fine_labels",
     counts=types.MappingProxyType({"train": 50_000, "test": 10_000}),
     num_classes=100,
+    max_member=256 * 1024 * 1024,  # "train" holds all 50,000 training images: 155 MB
 )
 
 CIFAR: Mapping[str, CifarDataset] = types.MappingProxyType({s.name: s for s in (CIFAR10, CIFAR100)})
@@ -149,25 +160,42 @@ def unpickle_batch(data: bytes, source: str) -> dict[str, Any]:
     return {k.decode("latin-1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
 
 
-def _safe_members(tar: tarfile.TarFile, path: Path) -> dict[str, tarfile.TarInfo]:
-    members = {}
-    for m in tar.getmembers():
+def _safe_members(tar: tarfile.TarFile, path: Path, spec: CifarDataset) -> dict[str, tarfile.TarInfo]:
+    """The archive's members by name, each checked as its header is read (before the next is looked for,
+    which would skip, that is decompress, its data): a safe path, a file or folder, a size within bounds."""
+    members: dict[str, tarfile.TarInfo] = {}
+    total = 0
+    for m in tar:  # lazily, header by header
         parts = Path(m.name).parts
         if m.name.startswith(("/", "\\")) or ".." in parts:
             raise DataError(f"{path}: refusing an archive with the unsafe member path {m.name!r}")
         if not (m.isfile() or m.isdir()):
             raise DataError(f"{path}: refusing an archive with a link or special file: {m.name!r}")
+        if m.size > spec.max_member:
+            raise DataError(f"{path}: refusing an archive member of {m.size:,} bytes ({m.name!r}): more than the "
+                            f"{spec.max_member:,} bytes a {spec.name} batch can need")
+        total += m.size
+        if total > MAX_CONTENT_BYTES:
+            raise DataError(f"{path}: refusing an archive whose members declare more than {MAX_CONTENT_BYTES:,} "
+                            f"bytes (a {spec.name} archive holds about 190 MB)")
+        if len(members) == MAX_MEMBERS:
+            raise DataError(f"{path}: refusing an archive of more than {MAX_MEMBERS} members "
+                            f"(not a {spec.name} archive)")
         members[m.name.removeprefix("./")] = m
     return members
 
 
 def read_archive(path: Path, spec: CifarDataset, split: str) -> Split:
-    """Decode one split of a CIFAR python archive, in memory. Checks shapes, counts and label ranges."""
+    """Decode one split of a CIFAR python archive, in memory. Checks shapes, counts and label ranges.
+
+    The archive must be a regular file; each member is checked before it is read (see :func:`_safe_members`),
+    so memory is bounded by :attr:`CifarDataset.max_member`, whatever the archive claims or holds.
+    """
     if split not in spec.batches:
         raise DataError(f"{spec.name} has no split {split!r}; known: {', '.join(spec.batches)}")
     try:
-        with tarfile.open(path, "r:gz") as tar:
-            members = _safe_members(tar, path)
+        with open_regular(path, error=DataError) as raw, tarfile.open(str(path), "r:gz", fileobj=raw) as tar:
+            members = _safe_members(tar, path, spec)
 
             def read(member: str) -> dict[str, Any]:
                 info = members.get(f"{spec.folder}/{member}")
@@ -175,7 +203,7 @@ def read_archive(path: Path, spec: CifarDataset, split: str) -> Split:
                     raise DataError(f"{path}: no {spec.folder}/{member} in the archive (not a {spec.name} archive?)")
                 f = tar.extractfile(info)
                 assert f is not None  # a regular file
-                return unpickle_batch(f.read(), f"{path}:{info.name}")
+                return unpickle_batch(f.read(info.size), f"{path}:{info.name}")
 
             meta = read(spec.meta)
             batches = [(name, read(name)) for name in spec.batches[split]]
@@ -208,20 +236,22 @@ def read_archive(path: Path, spec: CifarDataset, split: str) -> Split:
 
 
 def md5_file(path: Path) -> str:
+    """The MD5 hex digest of regular file ``path``, read in chunks; anything else is a :class:`DataError`."""
     h = hashlib.md5()
-    with open(path, "rb") as f:
+    with open_regular(path, error=DataError) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
 def check_md5(path: Path, spec: CifarDataset) -> None:
+    """Raise :class:`DataError` unless the archive's MD5 is the published one (None in the spec: no check)."""
     if spec.md5 is None:
         return
     try:
         got = md5_file(path)
     except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise DataError(f"{path}: cannot read: {os_reason(e)}") from None
     if got != spec.md5:
         raise DataError(f"{path}: checksum mismatch: expected MD5 {spec.md5}, got {got} "
                         "(the file is corrupt, truncated or a different archive)")
@@ -233,11 +263,13 @@ def check_md5(path: Path, spec: CifarDataset) -> None:
 
 
 def find_archive(spec: CifarDataset, data_dir: str | os.PathLike[str] | None = None) -> tuple[Path | None, list[Path]]:
-    """The archive's path if found (``data_dir`` / ``$NIN_DATA_DIR``, then the cache), and the places looked."""
+    """The archive's path if found, and the places looked: only the directory the user names (``data_dir``,
+    else ``$NIN_DATA_DIR``; it must exist) when there is one, else the cache. Something at the archive's
+    path that is not a regular file (a folder, a FIFO) is a :class:`DataError` naming it."""
     chosen = user_data_dir(data_dir)
-    dirs = ([chosen] if chosen is not None else []) + [cache_dir(spec.name)]
+    dirs = [chosen] if chosen is not None else [cache_dir(spec.name)]
     for d in dirs:
-        if (d / spec.archive).is_file():
+        if existing_file(d / spec.archive) is not None:
             return d / spec.archive, dirs
     return None, dirs
 
@@ -308,7 +340,7 @@ def load(
             raise DataError(f"{spec.name} data not found: no {spec.archive} in {looked} (downloading was disabled). "
                             f"To get it: download {spec.mirrors[0]}{spec.archive} into a directory and pass "
                             "--data-dir DIR or set NIN_DATA_DIR=DIR")
-        path = _download(spec, user_data_dir(data_dir) or cache_dir(spec.name), opener, dirs)
+        path = _download(spec, dirs[0], opener, dirs)  # the user's directory, else the cache
     cached = _cache_path(spec, path, split, verify) if use_cache else None
     if cached is not None and cached.is_file():
         hit = _read_cache(cached, path, spec)

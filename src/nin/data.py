@@ -3,12 +3,16 @@
 Reading top to bottom:
 
 1. :func:`read_idx` turns one IDX file (raw or gzip) into a numpy array and
-   rejects anything that is not exactly a well-formed IDX file.
+   rejects anything that is not exactly a well-formed IDX file. It reads in a
+   stream (:class:`IdxStream`): the header first, then at most the data it
+   declares, so memory is bounded by what the caller allows (a data set's
+   counts, or :data:`MAX_IDX_BYTES`), never by what a file holds or claims.
 2. :class:`IdxDataset` describes a data set as plain data; :data:`DATASETS`
    holds the known ones.
-3. :func:`find_files` locates the files on disk (``--data-dir`` /
-   ``NIN_DATA_DIR``, the user cache, the Debian package) and downloads what is
-   missing, atomically and checksum-verified.
+3. :func:`find_files` locates the files on disk and downloads what is
+   missing, atomically and checksum-verified. A directory the user names
+   (``--data-dir`` / ``NIN_DATA_DIR``) must exist and is the only place
+   looked; without one, the user cache, then the Debian package.
 4. :func:`load_split` returns one split as tensors ready for training.
 
 Every problem with the data is reported as a :class:`DataError`, whose message
@@ -17,18 +21,22 @@ names the file and what is wrong with it.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import io
+import math
 import os
 import shutil
+import stat
 import subprocess
 import types
 import urllib.request
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -37,6 +45,7 @@ from safetensors.torch import save_file
 
 from nin.atomic import WriteError, atomic_path, write_bytes
 from nin.errors import NinError
+from nin.files import kind, open_regular, os_reason
 
 
 class DataError(NinError):
@@ -45,6 +54,10 @@ class DataError(NinError):
 
 class DownloadError(DataError):
     """No mirror could be reached; the data may still be obtained another way."""
+
+
+class NotFoundError(DataError):
+    """A data set's files are in none of the directories looked in (and were not to be downloaded)."""
 
 
 # --------------------------------------------------------------------------
@@ -58,43 +71,96 @@ IDX_TYPE_NAMES = types.MappingProxyType(
      0x0C: "int32", 0x0D: "float32", 0x0E: "float64"}
 )
 MAX_DOWNLOAD_BYTES = 256 * 1024 * 1024
+# The most data an IDX file outside a known data set may declare: ten times the largest file of a known one
+# (Fashion-MNIST's training images, 47 MB). A header declaring more is refused before any data is read.
+MAX_IDX_BYTES = 512 * 1024 * 1024
+# Bytes past the declared data are counted up to this many (and reported as "more than" beyond), so a gzip
+# bomb that decompresses without end is never read to its end.
+TRAILING_BYTES_COUNTED = 1024 * 1024
+READ_CHUNK = 1024 * 1024  # decompressed bytes asked for at once: memory is one chunk plus the array itself
 
 
-def decompress_if_gzip(raw: bytes, source: str | os.PathLike[str]) -> bytes:
-    """Return ``raw`` gunzipped if it starts with the gzip magic, else unchanged.
+class IdxStream:
+    """The decompressed bytes of one IDX file, raw or gzip (told by its magic bytes), read in bounded pieces.
 
-    A truncated stream, a bad CRC or garbled deflate data is a :class:`DataError`.
+    Every byte read is added to :attr:`sha256`. A read error or corrupt gzip data is a :class:`DataError`
+    naming ``source``. :meth:`open` opens a file (regular files only); the constructor takes any binary
+    file object that can seek (a downloaded body in a ``BytesIO``).
     """
-    if not raw.startswith(GZIP_MAGIC):
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{source}: corrupt gzip data: {exc or type(exc).__name__}") from exc
+
+    def __init__(self, raw: BinaryIO, source: str | os.PathLike[str]):
+        self.source = source
+        self.sha256 = hashlib.sha256()
+        self._raw = raw
+        gz = self._call(raw.read, len(GZIP_MAGIC)) == GZIP_MAGIC
+        raw.seek(0)
+        self._file: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, path: str | os.PathLike[str]) -> Iterator[IdxStream]:
+        """``path`` as an :class:`IdxStream`; a missing or non-regular file is a :class:`DataError`."""
+        with open_data_file(path) as raw:
+            yield cls(raw, path)
+
+    def _call(self, read: Callable[[Any], Any], arg: Any) -> Any:
+        try:
+            return read(arg)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # BadGzipFile before the OSError it is
+            raise DataError(f"{self.source}: corrupt gzip data: {exc or type(exc).__name__}") from None
+        except OSError as exc:
+            raise DataError(f"{self.source}: cannot read: {os_reason(exc)}") from None
+
+    def readinto(self, view: memoryview) -> int:
+        """Fill ``view``; returns the bytes read, fewer than its length only at the end of the data."""
+        done = 0
+        while done < len(view):
+            got = self._call(self._file.readinto, view[done:done + READ_CHUNK])
+            if not got:
+                break
+            self.sha256.update(view[done:done + got])
+            done += got
+        return done
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes (fewer only at the end); for headers, ``n`` is small."""
+        buf = bytearray(n)
+        return bytes(buf[:self.readinto(memoryview(buf))])
+
+    def skip(self, n: int) -> int:
+        """Read and discard up to ``n`` bytes in chunks (still hashed); returns how many there were."""
+        scratch = memoryview(bytearray(min(n, READ_CHUNK)))
+        done = 0
+        while done < n:
+            got = self.readinto(scratch[:min(n - done, len(scratch))])
+            if not got:
+                break
+            done += got
+        return done
 
 
-def read_bytes(path: str | os.PathLike[str]) -> bytes:
-    """Read a whole file into memory, decompressing it if it is gzip."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    return decompress_if_gzip(raw, path)
+def open_data_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file; otherwise ``PATH: cannot read: WHY`` (:class:`DataError`).
 
-
-def parse_idx(data: bytes, source: str | os.PathLike[str]) -> np.ndarray:
-    """Parse decompressed IDX bytes into a writable uint8 array of the declared shape.
-
-    ``source`` only names the data in error messages.
+    Opened with :func:`nin.files.open_regular`: a FIFO, a device or a directory is refused without blocking.
     """
-    if len(data) < 4:
-        raise DataError(f"{source}: not an IDX file: only {len(data)} bytes long")
-    if data[0] != 0 or data[1] != 0:
+    try:
+        return open_regular(path, error=DataError)
+    except DataError as exc:
+        raise DataError(f"{path}: cannot read: {str(exc).removeprefix(f'{path}: ')}") from None
+
+
+def _parse_header(read: Callable[[int], bytes], source: str | os.PathLike[str]) -> tuple[int, ...]:
+    """The dimensions of the IDX header that ``read(n)`` yields; anything but unsigned bytes is a DataError."""
+    start = read(4)
+    if len(start) < 4:
+        raise DataError(f"{source}: not an IDX file: only {len(start)} bytes long")
+    if start[0] != 0 or start[1] != 0:
         raise DataError(
-            f"{source}: not an IDX file: magic starts with {data[0]:02x} {data[1]:02x}, "
+            f"{source}: not an IDX file: magic starts with {start[0]:02x} {start[1]:02x}, "
             "expected 00 00"
         )
-    type_code, ndim = data[2], data[3]
+    type_code, ndim = start[2], start[3]
     if type_code != IDX_UBYTE:
         kind = IDX_TYPE_NAMES.get(type_code, "unknown type")
         raise DataError(
@@ -103,13 +169,79 @@ def parse_idx(data: bytes, source: str | os.PathLike[str]) -> np.ndarray:
         )
     if ndim == 0:
         raise DataError(f"{source}: bad IDX header: zero dimensions")
-    header = 4 + 4 * ndim
-    if len(data) < header:
+    dims = read(4 * ndim)
+    if len(dims) < 4 * ndim:
         raise DataError(
-            f"{source}: truncated: IDX header needs {header} bytes, found {len(data)}"
+            f"{source}: truncated: IDX header needs {4 + 4 * ndim} bytes, found {4 + len(dims)}"
         )
-    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(dims, dtype=object))
+    return tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
+
+
+def read_header(stream: IdxStream) -> tuple[int, ...]:
+    """The dimensions declared by the IDX header at the start of ``stream`` (nothing past it is read)."""
+    return _parse_header(stream.read, stream.source)
+
+
+def _shaped(array: np.ndarray, dims: tuple[int, ...], source: str | os.PathLike[str]) -> np.ndarray:
+    try:
+        return array.reshape(dims)
+    except ValueError as exc:  # more dimensions than numpy allows, or an empty array too big to describe
+        raise DataError(f"{source}: bad IDX header: no array can have the {len(dims)} dimensions declared "
+                        f"({exc})") from None
+
+
+def _data_bytes(dims: tuple[int, ...], source: str | os.PathLike[str], limit: int) -> int:
+    """The data bytes ``dims`` declare; more than ``limit`` is a :class:`DataError`, before any is read."""
+    expected = math.prod(dims)
+    if expected > limit:
+        shape = " x ".join(map(str, dims))
+        raise DataError(f"{source}: bad IDX header: dimensions {shape} declare {expected:,} bytes of data, "
+                        f"more than the {limit:,} bytes allowed")
+    return expected
+
+
+def _finish(stream: IdxStream, expected: int, found: int, sha256: str | None) -> None:
+    """After the data: short data, bytes past it and (``sha256`` not None) the checksum are DataErrors."""
+    if found < expected:
+        raise DataError(f"{stream.source}: truncated: expected {expected} bytes of data, found {found}")
+    extra = stream.skip(TRAILING_BYTES_COUNTED + 1)  # also reaches the end of a gzip stream, checking its CRC
+    if extra > TRAILING_BYTES_COUNTED:
+        raise DataError(f"{stream.source}: more than {TRAILING_BYTES_COUNTED} unexpected trailing bytes after "
+                        f"{expected} bytes of data")
+    if extra:
+        raise DataError(f"{stream.source}: {extra} unexpected trailing bytes after {expected} bytes of data")
+    check_digest(stream.sha256.hexdigest(), sha256, stream.source)
+
+
+def read_data(stream: IdxStream, dims: tuple[int, ...], *, limit: int = MAX_IDX_BYTES,
+              sha256: str | None = None) -> np.ndarray:
+    """The data after the header as a writable uint8 array of shape ``dims``.
+
+    At most ``limit`` bytes of data may be declared; the data must be exactly as long as declared, and
+    the SHA-256 of the whole decompressed file must be ``sha256`` (None: not checked).
+    """
+    expected = _data_bytes(dims, stream.source, limit)
+    array = np.empty(expected, dtype=np.uint8)  # pages are only committed as the data fills them
+    _finish(stream, expected, stream.readinto(memoryview(array)), sha256)
+    return _shaped(array, dims, stream.source)
+
+
+def check_data(stream: IdxStream, dims: tuple[int, ...], *, limit: int = MAX_IDX_BYTES,
+               sha256: str | None = None) -> None:
+    """The length and checksum checks of :func:`read_data`, without keeping the data: memory is one chunk."""
+    expected = _data_bytes(dims, stream.source, limit)
+    _finish(stream, expected, stream.skip(expected), sha256)
+
+
+def parse_idx(data: bytes, source: str | os.PathLike[str]) -> np.ndarray:
+    """Parse decompressed IDX bytes already in memory into a writable uint8 array of the declared shape.
+
+    ``source`` only names the data in error messages.
+    """
+    buf = io.BytesIO(data)
+    dims = _parse_header(buf.read, source)
+    header = buf.tell()
+    expected = math.prod(dims)
     found = len(data) - header
     if found < expected:
         raise DataError(
@@ -121,21 +253,21 @@ def parse_idx(data: bytes, source: str | os.PathLike[str]) -> np.ndarray:
             f"{expected} bytes of data"
         )
     array = np.frombuffer(data, dtype=np.uint8, count=expected, offset=header)
-    try:
-        return array.reshape(dims).copy()
-    except ValueError as exc:  # more dimensions than numpy allows, or an empty array too big to describe
-        raise DataError(f"{source}: bad IDX header: no array can have the {ndim} dimensions declared ({exc})") from None
+    return _shaped(array, dims, source).copy()
 
 
-def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an IDX file, raw or gzip-compressed (detected by its magic bytes).
+def read_idx(path: str | os.PathLike[str], limit: int = MAX_IDX_BYTES) -> np.ndarray:
+    """Read an IDX file, raw or gzip-compressed (detected by its magic bytes), in a stream.
 
     Returns a writable ``uint8`` array shaped as the header declares. Raises
-    :class:`DataError` for unreadable files, corrupt gzip streams, a bad magic
-    number, an element type other than unsigned byte, and a data length that
-    differs from the header's in either direction.
+    :class:`DataError` for unreadable or non-regular files, corrupt gzip streams, a bad magic
+    number, an element type other than unsigned byte, a header declaring more than ``limit`` bytes
+    of data, and a data length that differs from the header's in either direction. Memory is the
+    array plus one chunk, whatever the file holds: a gzip bomb is never decompressed past the
+    declared length (and :data:`TRAILING_BYTES_COUNTED` more).
     """
-    return parse_idx(read_bytes(path), path)
+    with IdxStream.open(path) as stream:
+        return read_data(stream, read_header(stream), limit=limit)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -143,16 +275,19 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def check_sha256(data: bytes, expected: str | None, source: str | os.PathLike[str]) -> None:
-    """Raise :class:`DataError` unless ``data`` hashes to ``expected`` (None: no check)."""
-    if expected is None:
-        return
-    actual = sha256_hex(data)
-    if actual != expected:
+def check_digest(actual: str, expected: str | None, source: str | os.PathLike[str]) -> None:
+    """Raise :class:`DataError` unless the SHA-256 hex digest ``actual`` is ``expected`` (None: no check)."""
+    if expected is not None and actual != expected:
         raise DataError(
             f"{source}: checksum mismatch: expected SHA-256 {expected[:16]}..., "
             f"got {actual[:16]}... (the file is corrupt or a different version)"
         )
+
+
+def check_sha256(data: bytes, expected: str | None, source: str | os.PathLike[str]) -> None:
+    """Raise :class:`DataError` unless ``data`` hashes to ``expected`` (None: no check)."""
+    if expected is not None:
+        check_digest(sha256_hex(data), expected, source)
 
 
 # --------------------------------------------------------------------------
@@ -301,30 +436,71 @@ def debian_dirs(spec: IdxDataset) -> list[Path]:
 
 
 def user_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
-    """The directory the user chose: ``data_dir`` if given, else ``$NIN_DATA_DIR``."""
+    """The data directory the user named: ``data_dir`` if given, else ``$NIN_DATA_DIR``; None if neither.
+
+    A named directory must exist and be a directory: otherwise a :class:`DataError` naming it and saying
+    what it is, so a mistyped name is never silently replaced by data found elsewhere.
+    """
     if data_dir is not None:
-        return Path(data_dir)
-    env = os.environ.get("NIN_DATA_DIR")
-    return Path(env) if env else None
+        path, named = Path(data_dir), f"data directory {data_dir}"
+    elif os.environ.get("NIN_DATA_DIR"):
+        path = Path(os.environ["NIN_DATA_DIR"])
+        named = f"NIN_DATA_DIR={path}"
+    else:
+        return None
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DataError(f"{named}: no such directory (create it, or name the directory holding the data)") from None
+    except OSError as exc:
+        raise DataError(f"{named}: {os_reason(exc)}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise DataError(f"{named}: {kind(st.st_mode)}, not a folder")
+    return path
 
 
 def search_dirs(
     dataset: str | IdxDataset, data_dir: str | os.PathLike[str] | None = None
 ) -> list[Path]:
-    """Directories searched for data files, in order of preference."""
+    """Directories searched for data files, in order of preference.
+
+    Only the user's directory when one is named (``data_dir``, else ``$NIN_DATA_DIR``; see
+    :func:`user_data_dir`); otherwise the user cache, then the Debian package's directories.
+    """
     spec = get_dataset(dataset)
     chosen = user_data_dir(data_dir)
-    dirs = [chosen] if chosen is not None else []
+    if chosen is not None:
+        return [chosen]
+    dirs: list[Path] = []
     for candidate in [cache_dir(spec), *debian_dirs(spec)]:
         if candidate not in dirs:
             dirs.append(candidate)
     return dirs
 
 
+def existing_file(path: Path) -> Path | None:
+    """``path`` if it is a regular file (links followed), None if nothing is there.
+
+    Anything else at ``path`` (a directory, a FIFO, a device, a link to nothing, a loop of links) is a
+    :class:`DataError` naming it: a file the user may have meant is never silently passed over.
+    """
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.islink(path):
+            raise DataError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist") from None
+        return None
+    except OSError as exc:
+        raise DataError(f"{path}: {os_reason(exc)}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"{path}: {kind(st.st_mode)}, not a regular file")
+    return path
+
+
 def find_in(directory: Path, filename: str) -> Path | None:
-    """``directory/filename`` or ``directory/filename.gz``, whichever is a file."""
+    """``directory/filename`` or ``directory/filename.gz``, the first that exists; it must be a regular file."""
     for candidate in (directory / filename, directory / (filename + ".gz")):
-        if candidate.is_file():
+        if existing_file(candidate) is not None:
             return candidate
     return None
 
@@ -374,11 +550,14 @@ def download_file(
     raise DownloadError(f"{dest.name}: download failed: {reasons}")
 
 
-def _check_idx_body(sha256: str | None) -> Callable[[bytes, str], None]:
+def _check_idx_body(sha256: str | None, shape: tuple[int, ...] | None = None) -> Callable[[bytes, str], None]:
+    """A ``check`` for :func:`download_file`: the body (raw or gzip) is an IDX file of ``shape`` (None: any
+    shape within :data:`MAX_IDX_BYTES`) with SHA-256 ``sha256``; decompressed in a stream, never past that."""
     def check(body: bytes, url: str) -> None:
-        data = decompress_if_gzip(body, url)
-        check_sha256(data, sha256, url)
-        parse_idx(data, url)
+        stream = IdxStream(io.BytesIO(body), url)
+        dims = read_header(stream)
+        _check_shape(dims, shape, url)
+        check_data(stream, dims, sha256=sha256)
 
     return check
 
@@ -427,15 +606,17 @@ def find_files(
 ) -> dict[str, Path]:
     """Locate the files of ``splits`` (default: all), downloading any missing ones.
 
-    Each file may be stored as ``name`` or ``name.gz``. Directories are
-    searched in this order: ``data_dir`` (else ``$NIN_DATA_DIR``), the user
-    cache dir, the Debian package's directory. Missing files are downloaded
-    into the user's chosen directory if there is one, else into the cache.
-    Returns a mapping from file name (without ``.gz``) to its path.
+    Each file may be stored as ``name`` or ``name.gz`` (the first is preferred; whichever exists must
+    be a regular file). A directory the user names (``data_dir``, else ``$NIN_DATA_DIR``) must exist,
+    and is then the only one searched; without one, the user cache dir, then the Debian package's
+    directory. Missing files are downloaded into the user's directory if there is one, else into the
+    cache; with ``download=False`` they are a :class:`NotFoundError`. Returns a mapping from file
+    name (without ``.gz``) to its path.
     """
     spec = get_dataset(dataset)
     wanted = [name for split in (splits or spec.files) for name in split_files(spec, split)]
-    dirs = search_dirs(spec, data_dir)
+    chosen = user_data_dir(data_dir)
+    dirs = search_dirs(spec, chosen)
     found: dict[str, Path] = {}
     for name in wanted:
         path = next((p for d in dirs if (p := find_in(d, name)) is not None), None)
@@ -445,13 +626,14 @@ def find_files(
     if not missing:
         return found
     if not download:
-        raise DataError(how_to_get(spec, missing, dirs) + " (downloading was disabled)")
-    target = user_data_dir(data_dir) or cache_dir(spec)
+        raise NotFoundError(how_to_get(spec, missing, dirs) + " (downloading was disabled)")
+    target = chosen or cache_dir(spec)
     for name in missing:
         urls = [mirror.rstrip("/") + "/" + name + ".gz" for mirror in spec.mirrors]
+        check = _check_idx_body(spec.sha256.get(name), expected_shape(spec, name))
         try:
             found[name] = download_file(
-                urls, target / (name + ".gz"), spec.sha256.get(name), opener, timeout
+                urls, target / (name + ".gz"), spec.sha256.get(name), opener, timeout, check
             )
         except DownloadError as exc:
             raise DataError(f"{how_to_get(spec, missing, dirs)} ({exc})") from exc
@@ -474,12 +656,52 @@ class Split:
     labels_path: Path
 
 
-def load_array(path: Path, sha256: str | None, verify: bool) -> np.ndarray:
-    """Read one IDX file, checking its decompressed SHA-256 when ``verify``."""
-    data = read_bytes(path)
-    if verify:
-        check_sha256(data, sha256, path)
-    return parse_idx(data, path)
+def expected_shape(spec: IdxDataset, name: str) -> tuple[int, ...] | None:
+    """The shape ``spec`` expects of its file ``name``: (N, H, W) images or (N,) labels; None if it has no count."""
+    for split, (images, labels) in spec.files.items():
+        count = spec.counts.get(split)
+        if count is not None and name == images:
+            return (count, *spec.image_shape[1:])
+        if count is not None and name == labels:
+            return (count,)
+    return None
+
+
+def _check_shape(dims: tuple[int, ...], shape: tuple[int, ...] | None, source: str | os.PathLike[str]) -> None:
+    if shape is not None and dims != shape:
+        raise DataError(f"{source}: the IDX header declares shape {dims}, expected {shape}")
+
+
+def check_file(spec: IdxDataset, name: str, path: str | os.PathLike[str]) -> None:
+    """Check data file ``name`` of ``spec`` at ``path`` in a stream: its header against the shape the spec
+    expects, its length, and the SHA-256 of its decompressed bytes. Memory is one chunk, whatever the file."""
+    with IdxStream.open(path) as stream:
+        dims = read_header(stream)
+        _check_shape(dims, expected_shape(spec, name), path)
+        check_data(stream, dims, sha256=spec.sha256.get(name))
+
+
+def _check_split_dims(spec: IdxDataset, split: str, images: tuple[Path, tuple[int, ...]],
+                      labels: tuple[Path, tuple[int, ...]]) -> None:
+    """The headers' dimensions against each other and the spec, before any data is read."""
+    (images_path, images_dims), (labels_path, labels_dims) = images, labels
+    _, height, width = spec.image_shape
+    if len(images_dims) != 3 or images_dims[1:] != (height, width):
+        raise DataError(
+            f"{images_path}: images have shape {images_dims}, expected (N, {height}, {width})"
+        )
+    if len(labels_dims) != 1:
+        raise DataError(f"{labels_path}: labels have shape {labels_dims}, expected (N,)")
+    if images_dims[0] != labels_dims[0]:
+        raise DataError(
+            f"{images_path}: {images_dims[0]} images but {labels_path} has {labels_dims[0]} labels"
+        )
+    expected = spec.counts.get(split)
+    if expected is not None and images_dims[0] != expected:
+        raise DataError(
+            f"{images_path}: {images_dims[0]} images, expected {expected} for "
+            f"{spec.name} {split}"
+        )
 
 
 def load(
@@ -495,37 +717,25 @@ def load(
 
     ``verify`` checks each file's SHA-256 against the spec (files whose
     digest is None in the spec are not checked). Shapes, counts and label
-    range are always checked.
+    range are always checked; shapes and counts from the headers, before any
+    data is read, so memory is what the spec's counts need, whatever a file claims.
     """
     spec = get_dataset(dataset)
     images_name, labels_name = split_files(spec, split)
     paths = find_files(spec, data_dir, download, splits=[split], opener=opener)
     images_path, labels_path = paths[images_name], paths[labels_name]
-    images = load_array(images_path, spec.sha256.get(images_name), verify)
-    labels = load_array(labels_path, spec.sha256.get(labels_name), verify)
+    with IdxStream.open(images_path) as images_in, IdxStream.open(labels_path) as labels_in:
+        images_dims, labels_dims = read_header(images_in), read_header(labels_in)
+        _check_split_dims(spec, split, (images_path, images_dims), (labels_path, labels_dims))
+        images = read_data(images_in, images_dims, sha256=spec.sha256.get(images_name) if verify else None)
+        labels = read_data(labels_in, labels_dims, sha256=spec.sha256.get(labels_name) if verify else None)
 
-    channels, height, width = spec.image_shape
-    if images.ndim != 3 or images.shape[1:] != (height, width):
-        raise DataError(
-            f"{images_path}: images have shape {images.shape}, expected (N, {height}, {width})"
-        )
-    if labels.ndim != 1:
-        raise DataError(f"{labels_path}: labels have shape {labels.shape}, expected (N,)")
-    if len(images) != len(labels):
-        raise DataError(
-            f"{images_path}: {len(images)} images but {labels_path} has {len(labels)} labels"
-        )
-    expected = spec.counts.get(split)
-    if expected is not None and len(images) != expected:
-        raise DataError(
-            f"{images_path}: {len(images)} images, expected {expected} for "
-            f"{spec.name} {split}"
-        )
     if labels.size and int(labels.max()) >= len(spec.classes):
         raise DataError(
             f"{labels_path}: label {int(labels.max())} out of range for "
             f"{len(spec.classes)} classes"
         )
+    channels, height, width = spec.image_shape
     return Split(
         images=torch.from_numpy(images.reshape(len(images), channels, height, width)),
         labels=torch.from_numpy(labels.astype(np.int64)),

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from nin import cifar, data
+from nin.bounds import MAX_IMAGE_SIDE, bounded, check_ranges
 from nin.data import DataError, Split
 from nin.errors import did_you_mean
 
@@ -30,19 +31,25 @@ class DataConfig:
     data_dir: str | None = None
     download: bool = True
     verify: bool = True  # check files against their published checksums
-    subset: int | None = None  # train on a seeded random subset of this many images
-    test_subset: int | None = None
-    resize: int | None = None  # None: the model's own input size
+    subset: int | None = bounded(None, 1, 10**9)  # train on a seeded random subset of this many images
+    test_subset: int | None = bounded(None, 1, 10**9)
+    resize: int | None = bounded(None, 1, MAX_IMAGE_SIDE)  # None: the model's own input size
     normalize: bool = True  # by the training set's mean and std; False: 0-1 scale only
     whiten: bool = False  # the paper's global contrast normalization and ZCA whitening (instead of normalize)
-    crop_padding: int = 0
+    crop_padding: int = bounded(0, 0, 64)  # random translation of up to this many pixels
     flip: bool = True
     test_dir: str | None = None  # folder data sets: a separate test folder
-    test_fraction: float = 0.2  # folder data sets without test_dir: the share held out for testing (a fixed draw)
+    # folder data sets without test_dir: the share held out for testing (a fixed draw)
+    test_fraction: float = bounded(0.2, 0, 1, lo_open=True, hi_open=True)
     skip_bad_images: bool = False  # folder data sets: leave undecodable files out (listed) instead of failing
+    # folder data sets: an image of more pixels is refused before it is decoded (None: folder.MAX_PIXELS)
+    max_pixels: int | None = bounded(None, 1, 2**31)
     # Hold out this many training images (a fixed draw, the same for every seed) and evaluate on them
     # instead of the test split: a validation set for tuning, so the test set is never used to choose.
-    holdout: int | None = None
+    holdout: int | None = bounded(None, 1, 10**9)
+
+    def validate(self) -> None:
+        check_ranges(self)
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,8 @@ def load_splits(
     from nin.folder import load_image_folder, split_folder
 
     on_error: Literal["fail", "skip"] = "skip" if d.skip_bad_images else "fail"
-    opts = dict(channels=channels, size=size, on_error=on_error, cache_dir=data.cache_dir("folders"))
+    opts = dict(channels=channels, size=size, on_error=on_error, cache_dir=data.cache_dir("folders"),
+                max_pixels=d.max_pixels)
     train = load_image_folder(root, **opts)
     if d.test_dir:
         test = load_image_folder(Path(d.test_dir).expanduser(), classes=train.classes, **opts)
@@ -125,19 +133,24 @@ def load_splits(
 def _idx_status(spec: data.IdxDataset, data_dir: str | None) -> tuple[str, str]:
     try:
         found = data.find_files(spec, data_dir, download=False)
-    except DataError:
+    except data.NotFoundError:
         return "not found", "-"
+    except DataError as e:  # something that is not a regular file where a data file would be
+        return ", ".join(map(str, data.search_dirs(spec, data_dir))), f"BAD: {e}"
     where = sorted({str(p.parent) for p in found.values()})
     try:
         for name, path in found.items():
-            data.check_sha256(data.read_bytes(path), spec.sha256.get(name), path)
+            data.check_file(spec, name, path)  # in a stream: memory is one chunk, whatever the file holds
     except DataError as e:
         return ", ".join(where), f"BAD: {e}"
     return ", ".join(where), "ok (SHA-256 of the decompressed files)"
 
 
 def _cifar_status(spec: cifar.CifarDataset, data_dir: str | None) -> tuple[str, str]:
-    path, _ = cifar.find_archive(spec, data_dir)
+    try:
+        path, _ = cifar.find_archive(spec, data_dir)
+    except DataError as e:  # something that is not a regular file where the archive would be
+        return str(data.user_data_dir(data_dir) or cifar.cache_dir(spec.name)), f"BAD: {e}"
     if path is None:
         return "not found", "-"
     try:
@@ -148,7 +161,13 @@ def _cifar_status(spec: cifar.CifarDataset, data_dir: str | None) -> tuple[str, 
 
 
 def status(data_dir: str | None = None) -> list[dict[str, object]]:
-    """For each named data set: shape, classes, where its files are (or 'not found') and their checksum status."""
+    """For each named data set: shape, classes, where its files are (or 'not found') and their checksum status.
+
+    With ``data_dir`` (or ``$NIN_DATA_DIR``) only that directory is looked in, and it must exist (else a
+    :class:`DataError` naming it); without, the places training looks. Every file is checked in a stream
+    (a bad or oversized file is a ``BAD: ...`` row), so memory stays bounded whatever the files hold.
+    """
+    data.user_data_dir(data_dir)  # a named directory that does not exist is one error, not four rows
     rows = []
     for name, info in NAMES.items():
         where, check = (_cifar_status(cifar.CIFAR[name], data_dir) if name in cifar.CIFAR

@@ -18,7 +18,11 @@ names, so label ``i`` means ``classes[i]``, unless the caller passes
 ordered by label, then by relative path, so a load is deterministic and does
 not depend on the number of decoding threads.
 
-Every image is decoded once with Pillow (:func:`decode_image`): the EXIF
+Every image is decoded once with Pillow (:func:`decode_image`), after two checks
+that need no pixels: the file must be a regular file (opened without blocking, so a
+FIFO or a device is refused, never read), and its header must declare at most
+``max_pixels`` pixels (:data:`MAX_PIXELS` by default), so memory is bounded by the
+cap, not by what a file claims. Then the EXIF
 orientation is applied, transparency is composited on white, 16-bit and float
 greyscale are scaled to 0-255, the image is converted to ``L`` or ``RGB`` and
 resized to (H, W), either covering the target and centre-cropping
@@ -45,35 +49,63 @@ the file or folder. Nothing is printed: files left out with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import stat
 import struct
-from collections.abc import Iterable, Sequence
+import threading
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import BinaryIO, Literal, NamedTuple
 
 import numpy as np
 import PIL
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import safe_open
 
 from nin.data import DataError, save_cache_file
+from nin.files import kind, open_regular, os_reason
 
 FORMAT_VERSION = 1
 CACHE_FORMAT = "nin-image-folder"
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SKIP_HINT = "pass --skip-bad-images to leave such files out"
 MAX_DEFAULT_WORKERS = 8
-# What Pillow raises on files it cannot decode (not an image, truncated, corrupt, too large).
+# The default cap on an image's pixels (64 Mi, 67,108,864): every camera and phone photo of common sizes passes
+# (61 MP full frame, 9248x6936 in a phone's 64 MP mode), while a header claiming more is refused before its
+# pixels are decoded. One RGB image at the cap is 192 MiB decoded, and flattening holds a few copies, so a few
+# decoding threads stay within a few GiB. It is below Pillow's own limits (a warning above 89 M pixels, an
+# error above 179 M), so ours is the one that applies (see _identify).
+MAX_PIXELS = 1 << 26
+
+
+class ImageError(DataError):
+    """An image file refused before its pixels are decoded: not a regular file, or more pixels than allowed.
+
+    ``reason`` is the message without the file name, as the folder loader and ``nin predict`` list it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.reason = reason
+
+
+# What decoding one file may raise: ImageError, and what Pillow raises on files it cannot decode (not an
+# image, truncated, corrupt, too large).
 DECODE_ERRORS = (
-    OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError, TypeError,
+    ImageError, OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError, TypeError,
     ZeroDivisionError, Image.DecompressionBombError,
 )
+# catch_warnings changes the process's warning filters: two threads inside it at once could leave a filter
+# behind, so one decoding thread at a time silences Pillow's warning (while it reads a header: microseconds).
+_QUIET_PILLOW = threading.Lock()
 ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
 
 
@@ -129,17 +161,33 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _check_root(root: Path) -> None:
+    """A :class:`DataError` naming ``root`` unless it is a folder (links followed), saying what it is instead."""
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        raise DataError(f"{root}: image folder does not exist") from None
+    except OSError as exc:
+        raise DataError(f"{root}: {os_reason(exc)}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise DataError(f"{root}: {kind(st.st_mode)}, not a folder (expected ROOT/CLASS/IMAGE files)")
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError as exc:  # a loop of symbolic links, say
+        raise DataError(f"{entry.path}: {os_reason(exc)}") from None
+
+
 def _class_folders(root: Path) -> list[str]:
     """The sorted names of the visible sub-folders of ``root``."""
-    if not root.exists():
-        raise DataError(f"{root}: image folder does not exist")
-    if not root.is_dir():
-        raise DataError(f"{root}: not a folder (expected ROOT/CLASS/IMAGE files)")
+    _check_root(root)
     try:
         entries = list(os.scandir(root))
     except OSError as exc:
         raise DataError(f"{root}: cannot list folder: {exc.strerror or exc}") from exc
-    names = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+    names = sorted(e.name for e in entries if not e.name.startswith(".") and _is_dir(e))
     if not names:
         loose = any(e.is_file() and _is_image_name(e.name) for e in entries)
         hint = "; images directly in it are not used, " if loose else "; "
@@ -252,19 +300,87 @@ def _resize(img: Image.Image, size: tuple[int, int], fit: str) -> Image.Image:
     return img.resize((width, height), Image.Resampling.BILINEAR)
 
 
-def decode_image(path: str | os.PathLike[str], channels: int, size: tuple[int, int], fit: str) -> np.ndarray:
+def pixel_cap(max_pixels: int | None) -> int:
+    """The cap on an image's pixels: ``max_pixels``, or :data:`MAX_PIXELS` for None; else a :class:`DataError`."""
+    if max_pixels is None:
+        return MAX_PIXELS
+    if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1:
+        raise DataError(f"max_pixels must be a positive integer, not {max_pixels!r}")
+    return max_pixels
+
+
+def _open_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file; else an :class:`ImageError` saying what it is."""
+    try:
+        return open_regular(path, error=DataError)
+    except DataError as exc:
+        raise ImageError(path, str(exc).removeprefix(f"{path}: ")) from None
+
+
+@contextlib.contextmanager
+def _pillow_quiet(quiet: bool = True) -> Iterator[None]:
+    """While inside (if ``quiet``), Pillow's ``DecompressionBombWarning`` is not shown: our cap decides."""
+    if not quiet:
+        yield
+        return
+    with _QUIET_PILLOW, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
+def _above_cap(path: str | os.PathLike[str], pixels: str, cap: int) -> ImageError:
+    return ImageError(path, f"{pixels} pixels, above the cap of {cap:,} (raise it with --max-pixels)")
+
+
+def _identify(f: BinaryIO, path: str | os.PathLike[str], cap: int) -> Image.Image:
+    """``Image.open`` of the open file ``f`` (its header only), refused if it has more than ``cap`` pixels.
+
+    Pillow checks the size first, against its own ``Image.MAX_IMAGE_PIXELS`` (89 M by default): it would
+    warn above it, so its warning is silenced while it reads the header, and it raises above twice it,
+    which becomes our refusal. Only a cap raised above that (179 M) cannot be honoured: Pillow's limit is
+    global, and is not changed here.
+    """
+    try:
+        with _pillow_quiet():
+            img = Image.open(f)
+    except UnidentifiedImageError:  # Pillow names a file object by its repr; name the file
+        raise UnidentifiedImageError(f"cannot identify image file {os.fspath(path)!r}") from None
+    except Image.DecompressionBombError:
+        most = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        if cap < most:
+            raise _above_cap(path, f"more than {most:,}", cap) from None
+        raise ImageError(path, f"more than {most:,} pixels, Pillow's own limit (2 x PIL.Image.MAX_IMAGE_PIXELS), "
+                               "which --max-pixels does not raise") from None
+    width, height = img.size
+    if width * height > cap:
+        img.close()
+        raise _above_cap(path, f"{width}x{height} = {width * height:,}", cap)
+    return img
+
+
+def decode_image(path: str | os.PathLike[str], channels: int, size: tuple[int, int], fit: str,
+                 max_pixels: int | None = None) -> np.ndarray:
     """Decode one image file into a uint8 array [channels, H, W].
 
-    Raises whatever Pillow raises for a file it cannot decode (see :data:`DECODE_ERRORS`).
+    The file must be a regular file (opened without blocking: a FIFO, a device or a directory is
+    refused, never read) whose header declares at most ``max_pixels`` pixels (None: :data:`MAX_PIXELS`),
+    checked before any pixel is decoded; either is an :class:`ImageError`. Otherwise raises whatever
+    Pillow raises for a file it cannot decode (see :data:`DECODE_ERRORS`).
     """
-    with Image.open(path) as opened:
-        opened.load()  # decode now, so truncated files fail here (first frame of animations)
+    cap = pixel_cap(max_pixels)
+    limit = Image.MAX_IMAGE_PIXELS
+    with _open_file(path) as f, _identify(f, path, cap) as opened:
+        # Pillow checks frame sizes again as it decodes some formats: that can only warn under a raised cap
+        with _pillow_quiet(limit is not None and cap > limit):
+            opened.load()  # decode now, so truncated files fail here (first frame of animations)
         img = _flatten(ImageOps.exif_transpose(opened)).convert("L" if channels == 1 else "RGB")
         array = np.asarray(_resize(img, size, fit))
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
 def _decode_reason(exc: BaseException) -> str:
+    if isinstance(exc, ImageError):
+        return exc.reason
     message = " ".join(str(exc).split()) or type(exc).__name__
     return f"cannot decode image: {message}"
 
@@ -280,14 +396,14 @@ def _bad_image_error(root: Path, rel: str, reason: str) -> DataError:
 
 def _decode_all(
     root: Path, candidates: Sequence[_Candidate], channels: int, size: tuple[int, int], fit: str,
-    on_error: str, workers: int,
+    on_error: str, workers: int, max_pixels: int,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...], tuple[tuple[str, str], ...]]:
     """Decode every candidate (in ``workers`` threads); returns images, labels, files and skipped files."""
     out = np.empty((len(candidates), channels, *size), dtype=np.uint8)
 
     def decode_into(index: int) -> str | None:
         try:
-            out[index] = decode_image(root / candidates[index].rel, channels, size, fit)
+            out[index] = decode_image(root / candidates[index].rel, channels, size, fit, max_pixels)
         except DECODE_ERRORS as exc:
             return _decode_reason(exc)
         return None
@@ -326,6 +442,7 @@ def _decode_all(
 
 def _cache_key(
     candidates: Sequence[_Candidate], channels: int, size: tuple[int, int], fit: str, classes: Sequence[str] | None,
+    max_pixels: int,
 ) -> str:
     """SHA-256 over everything the decoded result depends on."""
     description = {
@@ -336,6 +453,7 @@ def _cache_key(
         "size": list(size),
         "fit": fit,
         "classes": None if classes is None else list(classes),
+        "max_pixels": max_pixels,  # which files are refused (listed as skipped) depends on it
         "files": [[c.rel, c.size, c.mtime_ns, c.ctime_ns, c.inode] for c in candidates],
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
@@ -420,6 +538,7 @@ def load_image_folder(
     fit: Literal["crop", "stretch"] = "crop",
     cache_dir: Path | None = None,
     workers: int | None = None,
+    max_pixels: int | None = None,
 ) -> FolderSplit:
     """Load ``root/CLASS/...`` images as uint8 [N, channels, H, W] with ``size == (H, W)``.
 
@@ -428,9 +547,13 @@ def load_image_folder(
     :class:`DataError` with ``on_error="fail"`` and is left out and listed in
     ``skipped`` with ``on_error="skip"``. ``cache_dir`` stores and reuses the
     decoded result (see the module docstring); ``workers`` is the number of
-    decoding threads (default: the CPU count, at most 8).
+    decoding threads (default: the CPU count, at most 8). An image whose header
+    declares more than ``max_pixels`` pixels (None: :data:`MAX_PIXELS`) is refused
+    before it is decoded, as a file that cannot be decoded is. A ``root`` that is
+    missing or not a folder is a :class:`DataError` naming it.
     """
     threads = _check_options(channels, size, on_error, fit, workers)
+    cap = pixel_cap(max_pixels)
     size = (int(size[0]), int(size[1]))
     root = Path(root).expanduser()
     names = _resolve_classes(root, _class_folders(root), classes)
@@ -438,7 +561,7 @@ def load_image_folder(
 
     cache_path = None
     if cache_dir is not None:
-        cache_path = Path(cache_dir) / f"{_cache_key(candidates, channels, size, fit, classes)}.safetensors"
+        cache_path = Path(cache_dir) / f"{_cache_key(candidates, channels, size, fit, classes, cap)}.safetensors"
         cached = _read_cache(cache_path, names, candidates, channels, size)
         if cached is not None:
             images, labels, files, skipped = cached
@@ -446,7 +569,7 @@ def load_image_folder(
                 raise _bad_image_error(root, *skipped[0])
             return FolderSplit(images, labels, names, files, skipped, root)
 
-    images, labels, files, skipped = _decode_all(root, candidates, channels, size, fit, on_error, threads)
+    images, labels, files, skipped = _decode_all(root, candidates, channels, size, fit, on_error, threads, cap)
     split = FolderSplit(images, labels, names, files, skipped, root)
     if cache_path is not None:
         _write_cache(cache_path, split)
