@@ -65,7 +65,7 @@ def test_cam_grid_and_files_write_a_png(run_dir, tmp_path, capsys):
     (["cam", "RUN"], "give IMAGE files or --grid N"),
     (["cam", "RUN", "x.png", "--grid", "4"], "give IMAGE files or --grid N"),
     (["cam", "RUN", "--grid", "4", "--out", "cam.jpg"], "--out must be a .png file"),
-    (["cam", "RUN", "--grid", "0"], "expected a positive integer"),
+    (["cam", "RUN", "--grid", "0"], "expected an integer in [1, 256]"),
 ])
 def test_bad_cam_arguments_are_one_line(run_dir, capsys, argv, needle):
     assert main([str(run_dir) if a == "RUN" else a for a in argv]) == 2

@@ -93,8 +93,15 @@ def test_truncated_weights_are_an_error(saved):
 
 
 def test_garbage_weights_fail_the_checksum(saved):
-    (saved / "model.safetensors").write_bytes(b"\x00" * 64)
+    f = saved / "model.safetensors"
+    f.write_bytes(b"\x00" * f.stat().st_size)  # the recorded size, other bytes
     with pytest.raises(CheckpointError, match="model.safetensors: contents do not match the checksum"):
+        ckpt.load_weights(saved, create_model("nin28"))
+
+
+def test_a_weights_file_of_another_size_is_refused_before_it_is_read(saved):
+    (saved / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: 64 bytes, meta.json recorded [\d,]+ "):
         ckpt.load_weights(saved, create_model("nin28"))
 
 
@@ -102,7 +109,7 @@ def test_garbage_weights_with_a_matching_checksum_are_unreadable(saved):
     garbage = b"\x00" * 64
     (saved / "model.safetensors").write_bytes(garbage)
     meta = json.loads((saved / "meta.json").read_text())
-    meta["files"]["model.safetensors"]["sha256"] = hashlib.sha256(garbage).hexdigest()
+    meta["files"]["model.safetensors"] = {"sha256": hashlib.sha256(garbage).hexdigest(), "bytes": len(garbage)}
     (saved / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="unreadable safetensors"):
         ckpt.load_weights(saved, create_model("nin28"))
@@ -142,7 +149,7 @@ def test_wrong_shapes_are_refused(saved):
     "content,match",
     [("{not json", "not valid JSON"), ('{"format": "other"}', "not a nin checkpoint"),
      ('{"format": "nin-checkpoint", "version": 99}', "version 99"), ("[1, 2]", "not a nin checkpoint"),
-     (b"\xff\xfe\x00", "not valid JSON")],
+     (b"\xff\xfe\x00", "not UTF-8 text")],
 )
 def test_bad_meta_is_an_error(saved, content, match):
     f = saved / "meta.json"
@@ -159,7 +166,9 @@ def test_state_referring_to_a_missing_tensor_is_an_error(saved):
         ckpt.load_state(saved)
 
 
-def test_incomplete_checkpoints_are_reported_and_skipped(tmp_path):
+def test_a_damaged_newest_checkpoint_is_named_never_skipped(tmp_path):
+    """A run whose newest checkpoint is incomplete is refused, naming it and the newest intact one (which may
+    then be named), instead of falling back to an older one without a word."""
     run = tmp_path / "run"
     good = ckpt.save_checkpoint(run / "checkpoints" / "step-0000010", trained_like(), {}, {})
     later = ckpt.save_checkpoint(run / "checkpoints" / "step-0000020", trained_like(), {}, {})
@@ -167,7 +176,11 @@ def test_incomplete_checkpoints_are_reported_and_skipped(tmp_path):
     with pytest.raises(CheckpointError, match="incomplete checkpoint, missing state.safetensors"):
         ckpt.read_meta(later)
     assert ckpt.list_checkpoints(run) == [good]
-    assert ckpt.resolve(run) == good
+    with pytest.raises(CheckpointError) as e:
+        ckpt.resolve(run)
+    assert "newest checkpoint is damaged" in str(e.value) and str(later) in str(e.value)
+    assert f"the newest intact one is {good}" in str(e.value)
+    assert ckpt.resolve(good) == good
 
 
 def test_resolve_errors(tmp_path):

@@ -51,12 +51,15 @@ def test_torchscript_export_loads_back_and_matches_pytorch(run_dir, tmp_path, ca
     torch.testing.assert_close(got, reference_logits(run_dir, x), atol=1e-4, rtol=0)
 
 
-def test_an_existing_file_is_never_overwritten(run_dir, tmp_path, capsys):
+def test_an_existing_file_is_never_overwritten_without_force(run_dir, tmp_path, capsys):
     out = tmp_path / "model.pt"
     out.write_bytes(b"keep me")
     assert main(["export", str(run_dir), "--format", "torchscript", "--out", str(out)]) == 2
-    assert capsys.readouterr().err == f"nin: error: {out}: already exists; choose another --out\n"
+    assert capsys.readouterr().err == (f"nin: error: {out}: cannot write: already exists; pass --force to replace it, "
+                                       "or choose another --out\n")
     assert out.read_bytes() == b"keep me"
+    assert main(["export", str(run_dir), "--format", "torchscript", "--out", str(out), "--force"]) == 0
+    assert out.read_bytes() != b"keep me" and (tmp_path / "model.pt.json").is_file()
 
 
 def test_a_failed_verification_writes_nothing(run_dir, tmp_path, capsys):

@@ -209,8 +209,8 @@ def test_a_full_disk_during_training_is_one_line_and_keeps_every_checkpoint(tmp_
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--checkpoint-every", "0"], "--checkpoint-every: expected a positive integer, got '0'"),
-    (["--keep-last", "-1"], "--keep-last: expected a non-negative integer, got '-1'"),
+    (["--checkpoint-every", "0"], "--checkpoint-every: expected an integer in [1, 10**12], got '0'"),
+    (["--keep-last", "-1"], "--keep-last: expected an integer in [0, 10**6], got '-1'"),
 ])
 def test_bad_checkpoint_flags_are_usage_errors(flags, words, capsys):
     assert main(["train", *flags]) == 2

@@ -164,7 +164,7 @@ def test_study_list_names_every_study_and_budget(capsys):
 @pytest.mark.parametrize("argv,needle", [
     (["study", "learning-rate"], "unknown study 'learning-rate' (available: lr, mlp-layers"),
     (["study", "lr", "--budget", "tiny"], "invalid choice: 'tiny'"),
-    (["study", "lr", "--seeds", "0"], "expected a positive integer"),
+    (["study", "lr", "--seeds", "0"], "expected an integer in [1, 1000]"),
 ])
 def test_bad_study_arguments_are_one_line(capsys, argv, needle):
     assert main(argv) == 2

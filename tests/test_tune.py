@@ -176,8 +176,8 @@ def test_a_diverged_trial_is_recorded_and_the_search_goes_on(tmp_path, fashion_m
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["--workers", "0"], "tune: argument --workers: expected a positive integer, got '0'"),
-    (["--trials", "0"], "tune: argument --trials: expected a positive integer, got '0'"),
+    (["--workers", "0"], "tune: argument --workers: expected an integer in [1, 256], got '0'"),
+    (["--trials", "0"], "tune: argument --trials: expected an integer in [1, 100,000], got '0'"),
     (["--preset", "nope"], "unknown preset 'nope'"),
     (["--space", "lr"], "--space items look like KEY=LOW..HIGH"),
     (["--storage", "nodb://x"], "--storage nodb://x: cannot open it"),

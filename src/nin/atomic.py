@@ -6,6 +6,11 @@ then renamed over its destination, so a reader never sees half a file and an
 existing file is either kept as it was or replaced whole. On any error the
 temporary files, and the folders that were made for them, are removed.
 
+The rule for outputs a user names (``--out``): an existing file is never replaced unless the user
+says so (``--force``). :func:`refuse_existing` checks before any work is done, and ``exclusive=True``
+places each file with a hard link, which fails if the destination appeared meanwhile, so even a
+race with another process cannot overwrite it.
+
 A file system that refuses (a full disk, a folder that is a file, a read-only
 mount) raises one :class:`WriteError` naming the destination: a one-line
 :class:`~nin.errors.NinError` on the command line, and still an :class:`OSError`
@@ -29,6 +34,24 @@ class WriteError(NinError, OSError):
     def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
         super().__init__(f"{path}: cannot write: {reason}")
         self.path, self.reason = Path(path), reason
+
+
+class OutputExists(WriteError):
+    """An output the user named exists already, and replacing it was not asked for."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path, "already exists; pass --force to replace it, or choose another --out")
+        self.errno = errno.EEXIST
+
+
+def refuse_existing(*paths: str | os.PathLike[str], force: bool = False) -> None:
+    """:class:`OutputExists` for the first of ``paths`` that exists (unless ``force``); a folder in the place of
+    an output file is refused even with ``force``."""
+    for p in map(Path, paths):
+        if p.is_dir():
+            raise WriteError(p, "is a directory, not a file")
+        if not force and os.path.lexists(p):
+            raise OutputExists(p)
 
 
 def write_error(path: str | os.PathLike[str], exc: OSError) -> WriteError:
@@ -71,12 +94,29 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _place_new(tmp: Path, dest: Path) -> None:
+    """Move ``tmp`` to ``dest`` only if ``dest`` does not exist (:class:`OutputExists` otherwise)."""
+    try:
+        os.link(tmp, dest)  # creates dest only if there is none: no check-then-write race
+        return
+    except FileExistsError:
+        raise OutputExists(dest) from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+    if os.path.lexists(dest):  # a file system without hard links: check, then rename
+        raise OutputExists(dest)
+    os.replace(tmp, dest)
+
+
 @contextmanager
-def atomic_paths(*dests: str | os.PathLike[str], overwrite: bool = True) -> Iterator[list[Path]]:
+def atomic_paths(*dests: str | os.PathLike[str], overwrite: bool = True,
+                 exclusive: bool = False) -> Iterator[list[Path]]:
     """Temporary paths for ``dests``; each must be written inside the block.
 
     On success all of them are synced to disk first, then moved into place (with
-    ``overwrite=False`` a destination that exists by then is kept and the new file dropped).
+    ``overwrite=False`` a destination that exists by then is kept and the new file dropped;
+    with ``exclusive=True`` it is :class:`OutputExists`, and none of the files is placed).
     Missing parent folders are created, and removed again on failure.
     """
     targets = [Path(d) for d in dests]
@@ -99,7 +139,10 @@ def atomic_paths(*dests: str | os.PathLike[str], overwrite: bool = True) -> Iter
             _fsync(tmp)
         for dest, tmp in zip(targets, temps):
             current = dest
-            if overwrite or not dest.exists():
+            if exclusive:
+                _place_new(tmp, dest)
+                placed.append(dest)
+            elif overwrite or not dest.exists():
                 existed = dest.exists()
                 os.replace(tmp, dest)
                 if not existed:
@@ -131,9 +174,9 @@ def atomic_paths(*dests: str | os.PathLike[str], overwrite: bool = True) -> Iter
 
 
 @contextmanager
-def atomic_path(dest: str | os.PathLike[str], *, overwrite: bool = True) -> Iterator[Path]:
+def atomic_path(dest: str | os.PathLike[str], *, overwrite: bool = True, exclusive: bool = False) -> Iterator[Path]:
     """:func:`atomic_paths` for one file."""
-    with atomic_paths(dest, overwrite=overwrite) as (tmp,):
+    with atomic_paths(dest, overwrite=overwrite, exclusive=exclusive) as (tmp,):
         yield tmp
 
 

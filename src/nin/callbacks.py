@@ -18,7 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from nin.atomic import write_error, write_text
-from nin.checkpoint import best_checkpoint, list_checkpoints, remove_stale, save_checkpoint, set_best
+from nin.checkpoint import CheckpointError, best_checkpoint, list_checkpoints, remove_stale, save_checkpoint, set_best
 from nin.distributed import agree, is_main_process
 from nin.errors import NinError
 from nin.train import Callback, Trainer
@@ -143,7 +143,7 @@ class Checkpointer(Callback):
     """
 
     def __init__(self, run_dir: str | os.PathLike, meta: dict[str, Any], keep_last: int = 3,
-                 every_steps: int | None = None, monitor: str = "test_acc") -> None:
+                 every_steps: int | None = None, monitor: str = "test_acc", resumed_from: Path | None = None) -> None:
         if keep_last < 0:
             raise NinError(f"keep_last must be >= 0 (0 keeps every checkpoint), got {keep_last}")
         if every_steps is not None and every_steps < 1:
@@ -151,6 +151,7 @@ class Checkpointer(Callback):
         self.run_dir = Path(run_dir)
         self.meta = meta
         self.keep_last, self.every_steps, self.monitor = keep_last, every_steps, monitor
+        self.resumed_from = Path(resumed_from) if resumed_from is not None else None  # the checkpoint it went on from
         self.last_path: Path | None = None
         self.best_path: Path | None = None
         self.best_value = -math.inf
@@ -184,8 +185,11 @@ class Checkpointer(Callback):
         state = trainer.state_dict()  # every process: it gathers each one's RNG state
 
         def write() -> Path:
-            if path.exists():  # already saved at this step (e.g. resumed and stopped again at once)
-                return path
+            if self.resumed_from is not None and path.resolve() == self.resumed_from.resolve():
+                return path  # resumed and stopped again at once: this very state is saved already
+            if os.path.lexists(path):
+                raise CheckpointError(f"{path}: already exists, and is not the checkpoint this run went on from "
+                                      "(was the run directory changed by another process?); it is kept as it is")
             saved = save_checkpoint(path, trainer.model, state, self.meta)
             if value is not None and value > self.best_value:
                 self.best_value, self.best_path = value, saved

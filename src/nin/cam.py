@@ -46,9 +46,9 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return (m - lo) / (hi - lo).clamp(min=1e-12)
 
 
-def plot_cams(panels: list[list[dict]], path: str | os.PathLike, title: str = "") -> Path:
+def plot_cams(panels: list[list[dict]], path: str | os.PathLike, title: str = "", *, exclusive: bool = False) -> Path:
     """A grid of overlays. ``panels[row][col]`` holds ``image`` (H x W or H x W x 3 uint8 array), ``map``
-    (H x W, 0-1) and ``title``."""
+    (H x W, 0-1) and ``title``. ``exclusive``: never over an existing file."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,7 +69,7 @@ def plot_cams(panels: list[list[dict]], path: str | os.PathLike, title: str = ""
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, exclusive=exclusive)
 
 
 def cam_panels(trained, images: torch.Tensor, top_k: int, labels: torch.Tensor | None = None) -> list[list[dict]]:

@@ -34,6 +34,7 @@ from torch import nn
 
 from nin.atomic import write_error
 from nin.errors import NinError
+from nin.files import check_dir, check_regular, open_regular, os_reason, read_regular_text
 
 FORMAT = "nin-checkpoint"
 VERSION = 2  # 2: meta.json records the SHA-256 of the tensor files
@@ -41,10 +42,15 @@ READABLE = (1, 2)
 TENSOR_FILES = ("model.safetensors", "state.safetensors")
 BEST = "best"  # RUN/checkpoints/best -> step-NNNNNNN
 FILES = ("model.safetensors", "state.safetensors", "meta.json")
+MAX_META_BYTES = 64 * 2**20  # meta.json holds settings and history: a few kB to a few MB
 
 
 class CheckpointError(NinError):
     """A checkpoint is missing, incomplete, tampered with or belongs to another model."""
+
+
+class NoCheckpoint(CheckpointError):
+    """A run directory holds no checkpoint yet (it stopped before its first one)."""
 
 
 def _split(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
@@ -164,21 +170,28 @@ def best_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     if not link.is_symlink():
         return None
     target = link.parent / os.readlink(link)
-    return target if all((target / f).is_file() for f in FILES) else None
+    return target if _complete(target) else None
+
+
+def _complete(path: Path) -> bool:
+    """Whether checkpoint folder ``path`` holds each of its files as a regular file (links followed)."""
+    return all((path / f).is_file() for f in FILES)
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The ``meta.json`` of a checkpoint directory, checked for format and completeness."""
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint directory")
-    missing = [f for f in FILES if not (path / f).is_file()]
+    check_dir(path, error=CheckpointError, what="checkpoint directory")
+    missing = [f for f in FILES if not os.path.lexists(path / f)]
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
+    for f in FILES:  # a FIFO, a device, a folder or a dangling link in a file's place
+        check_regular(path / f, error=CheckpointError)
+    text = read_regular_text(path / "meta.json", MAX_META_BYTES, error=CheckpointError)
     try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path / 'meta.json'}: not valid JSON ({e})") from None
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON, or an integer of more than 4300 digits
+        raise CheckpointError(f"{path / 'meta.json'}: not valid JSON ({' '.join(str(e).split())})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path / 'meta.json'}: not a nin checkpoint")
     if meta.get("version") not in READABLE:
@@ -193,12 +206,18 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _load_tensors(file: Path, meta: dict[str, Any] | None) -> dict[str, torch.Tensor]:
-    """The tensors in ``file``, after checking its SHA-256 against ``meta`` (version 2 checkpoints)."""
-    try:
-        data = file.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot read it ({e.strerror or e})") from None
-    expected = ((meta or {}).get("files") or {}).get(file.name, {}).get("sha256")
+    """The tensors in ``file``, after checking its size and SHA-256 against ``meta`` (version 2 checkpoints)."""
+    record = ((meta or {}).get("files") or {}).get(file.name, {})
+    with open_regular(file, error=CheckpointError) as f:
+        size, declared = os.fstat(f.fileno()).st_size, record.get("bytes")
+        if isinstance(declared, int) and not isinstance(declared, bool) and size != declared:
+            raise CheckpointError(f"{file}: {size:,} bytes, meta.json recorded {declared:,} (the file was changed, "
+                                  "truncated or replaced after it was saved)")
+        try:
+            data = f.read()
+        except OSError as e:
+            raise CheckpointError(f"{file}: cannot read it ({os_reason(e)})") from None
+    expected = record.get("sha256")
     if expected is not None and hashlib.sha256(data).hexdigest() != expected:
         raise CheckpointError(f"{file}: contents do not match the checksum in meta.json "
                               "(the file was changed or damaged after it was saved)")
@@ -246,24 +265,41 @@ def load_state(path: str | os.PathLike, meta: dict[str, Any] | None = None) -> d
     return state
 
 
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (``checkpoints/step-*``)."""
+def step_folders(run_dir: str | os.PathLike) -> list[Path]:
+    """Every ``checkpoints/step-N`` folder of a run, complete or not, oldest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit()
-             and not p.is_symlink() and all((p / f).is_file() for f in FILES)]
+    found = [p for p in root.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit() and not p.is_symlink()]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (``checkpoints/step-*``)."""
+    return [p for p in step_folders(run_dir) if _complete(p)]
+
+
 def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint directory from a checkpoint or run directory (the run's latest checkpoint)."""
+    """A checkpoint directory from a checkpoint or run directory (the run's newest checkpoint).
+
+    The newest checkpoint of a run is never skipped silently: if it is damaged (a file missing, not a
+    regular file, or meta.json unreadable), this refuses, naming it and the newest intact one, which the
+    user may then name. A run with no checkpoint at all is :class:`NoCheckpoint`.
+    """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
-    if (path / "meta.json").is_file():
+    check_dir(path, error=CheckpointError, what="checkpoint or run directory")
+    if os.path.lexists(path / "meta.json"):
         return path
-    found = list_checkpoints(path)
-    if not found:
-        raise CheckpointError(f"{path}: no checkpoint found (expected a checkpoint or run directory)")
-    return found[-1]
+    folders = step_folders(path)
+    if not folders:
+        raise NoCheckpoint(f"{path}: no checkpoint found (expected a checkpoint or run directory)")
+    newest = folders[-1]
+    try:
+        read_meta(newest)
+    except CheckpointError as e:
+        intact = list_checkpoints(path)
+        older = (f"the newest intact one is {intact[-1]}: name it to use it" if intact
+                 else "no other checkpoint is intact")
+        raise CheckpointError(f"{path}: its newest checkpoint is damaged ({e}); {older}, or move the damaged "
+                              "one away") from None
+    return newest

@@ -16,7 +16,6 @@ import contextlib
 import errno
 import functools
 import json
-import math
 import os
 import re
 import shlex
@@ -26,6 +25,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from nin.bounds import MAX_IMAGE_SIDE, Range, flag_type, range_of
 from nin.errors import NinError
 
 EXIT_USAGE = 2
@@ -40,38 +40,42 @@ class _Parser(argparse.ArgumentParser):
         raise NinError(f"{sub[0]}: {message}" if sub else message)
 
 
-def _int_at_least(minimum: int, what: str):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            v = minimum - 1
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {s!r}")
-        return v
+THREADS = Range(1, 4096)
+MAX_PIXELS_HELP = ("refuse images of more than N pixels before decoding them (default 67,108,864: a 64-megapixel "
+                   "photo); raise it for larger images")
+CAM_GRID = Range(1, 256)  # test images in one CAM figure: 32 rows of 8
 
+
+_DECLARED_IN = {"train": ("nin.train", "TrainConfig"), "data": ("nin.datasets", "DataConfig"),
+                "run": ("nin.run", "RunConfig"), "checkpoint": ("nin.run", "CheckpointConfig"),
+                "model": ("nin.models", None)}
+
+
+def _ranged(where: str, kind: type = float):
+    """An argparse type for the range declared with a setting: ``"train.lr"`` (a field of the train config,
+    likewise data, run and checkpoint), or ``"model.WIDTH"`` (a :class:`~nin.bounds.Range` of nin.models).
+    The module is imported when the flag is used, so building the parser imports no torch."""
+    section, _, name = where.partition(".")
+
+    def parse(text: str):
+        import importlib
+
+        module, config = _DECLARED_IN[section]
+        obj = importlib.import_module(module)
+        r = range_of(getattr(obj, config), name) if config else getattr(obj, name)
+        return flag_type(r, kind)(text)
+
+    parse.__name__ = kind.__name__
     return parse
 
 
-_positive_int = _int_at_least(1, "positive")
-_nonneg_int = _int_at_least(0, "non-negative")
-
-
-def _float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        v = math.nan
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    v = _float(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    return v
+def _path(text: str) -> str:
+    """A file or folder name as given: not empty, no NUL byte (no file system takes one)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a file or folder name, got an empty one")
+    if "\0" in text:
+        raise argparse.ArgumentTypeError(f"a file name cannot hold a NUL byte, got {text!r}")
+    return text
 
 
 def _fractions(s: str) -> tuple[float, ...]:
@@ -88,29 +92,32 @@ def parse_input_size(s: str) -> tuple[int, int, int]:
         dims = [int(p) for p in parts]
     except ValueError:
         dims = []
-    if len(dims) not in (2, 3) or any(d < 1 for d in dims):
-        raise NinError(f"--input must look like CxHxW or HxW with positive sizes, got {s!r}")
+    if len(dims) not in (2, 3) or any(d < 1 for d in dims) or any(d > MAX_IMAGE_SIDE for d in dims[-2:]) \
+            or (len(dims) == 3 and dims[0] > 256):
+        raise NinError(f"--input must look like CxHxW or HxW, with at most 256 channels and sides from 1 to "
+                       f"{MAX_IMAGE_SIDE}, got {s[:40]!r}")
     return (0, *dims) if len(dims) == 2 else tuple(dims)  # type: ignore[return-value]
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model options")
-    g.add_argument("--num-classes", type=_positive_int, help="output classes")
-    g.add_argument("--in-channels", type=_positive_int, help="input channels")
+    g.add_argument("--num-classes", type=_ranged("model.NUM_CLASSES", int), help="output classes")
+    g.add_argument("--in-channels", type=_ranged("model.IN_CHANNELS", int), help="input channels")
     g.add_argument("--mlp-layers", type=int, choices=range(4), metavar="{0,1,2,3}",
                    help="1x1 convs per block (the seed's ablation; 2 is NiN's)")
-    g.add_argument("--width", type=_float, help="channel width multiplier")
-    g.add_argument("--head-width", type=_positive_int,
+    g.add_argument("--width", type=_ranged("model.WIDTH"), help="channel width multiplier")
+    g.add_argument("--head-width", type=_ranged("model.HEAD_WIDTH", int),
                    help="NiN: width of the classifier block's convs before the last (a gradual reduction)")
     g.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, help="BatchNorm after each conv")
-    g.add_argument("--dropout", type=_float, help="drop probability of every dropout stage (NiN: a model without "
-                                                  "any, like nin28, gets one after each pooling stage)")
+    g.add_argument("--dropout", type=_ranged("model.DROPOUT"),
+                   help="drop probability of every dropout stage (NiN: a model without "
+                        "any, like nin28, gets one after each pooling stage)")
     g.add_argument("--head", choices=("gap", "fc"),
                    help="NiN: global average pooling (default) or a fully connected layer over the class maps")
 
 
 def _add_checkpoint(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint directory or run directory (its latest checkpoint)")
+    p.add_argument("checkpoint", type=_path, help="checkpoint directory or run directory (its latest checkpoint)")
 
 
 def _add_speed_options(g) -> None:
@@ -167,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("datasets", help="the data sets, where each was found and whether its checksum matches")
-    p.add_argument("--data-dir", help="also look in this directory (as NIN_DATA_DIR)")
+    p.add_argument("--data-dir", type=_path, help="look only in this directory (as NIN_DATA_DIR)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("shapes", help="print each stage's output shape and parameter count")
@@ -183,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="registered model, optionally NAME:option=value,...")
     p.add_argument("--compare", nargs="+", metavar="MODEL", help="put these models side by side")
     p.add_argument("--input", type=parse_input_size, help="input size CxHxW or HxW (default: each model's)")
-    p.add_argument("--batch", type=_positive_int, default=128, help="batch size of the memory figures (default 128)")
+    p.add_argument("--batch", type=_ranged("train.batch_size", int), default=128,
+                   help="batch size of the memory figures (default 128)")
     p.add_argument("--device", default="auto", help="where to measure: auto, cpu or cuda[:N]")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                    help="none: float32 (default); bf16 or fp16: 16-bit autocast with float32 weights")
@@ -199,66 +207,77 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (default: nin28 on Fashion-MNIST)")
     p.add_argument("--preset", help="recipe to start from: default (nin28, fast), d2l (the seed's recipe) or "
                                     "nin-cifar10 (the paper's CIFAR-10 network and recipe)")
-    p.add_argument("--config", metavar="FILE", help="settings from a TOML, YAML or JSON file (a run's config.json "
-                                                     "repeats that run); flags given here override it")
+    p.add_argument("--config", type=_path, metavar="FILE",
+                   help="settings from a TOML, YAML or JSON file (a run's config.json "
+                        "repeats that run); flags given here override it")
     p.add_argument("--model", help="registered model name (see `nin models`)")
     _add_model_options(p)
     p.add_argument("--init", choices=("xavier", "kaiming", "default"), help="weight initialization")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", "--data", dest="dataset",
+    g.add_argument("--dataset", "--data", dest="dataset", type=_path,
                    help="fashion-mnist, mnist, cifar10, cifar100, or folder:PATH (one sub-folder per class)")
-    g.add_argument("--data-dir", help="directory holding the data files (also NIN_DATA_DIR)")
+    g.add_argument("--data-dir", type=_path, help="directory holding the data files, the only place looked (also "
+                                                  "NIN_DATA_DIR); it must exist")
     g.add_argument("--no-download", dest="download", action="store_false", default=None,
                    help="never download; fail if the files are not found")
     g.add_argument("--no-checksum", dest="verify", action="store_false", default=None,
                    help="accept files whose checksum differs from the published one (shapes and labels are "
                         "still checked)")
-    g.add_argument("--test-dir", help="folder data: a test folder with the same class sub-folders")
-    g.add_argument("--test-fraction", type=_float,
+    g.add_argument("--test-dir", type=_path, help="folder data: a test folder with the same class sub-folders")
+    g.add_argument("--test-fraction", type=_ranged("data.test_fraction"),
                    help="folder data without --test-dir: seeded share of each class held out (default 0.2)")
+    g.add_argument("--max-pixels", type=_ranged("data.max_pixels", int), metavar="N",
+                   help=MAX_PIXELS_HELP)
     g.add_argument("--skip-bad-images", dest="skip_bad_images", action="store_true", default=None,
                    help="folder data: leave out files that cannot be decoded (they are listed) instead of failing")
-    g.add_argument("--subset", type=_positive_int, help="train on a seeded random subset of N images")
-    g.add_argument("--test-subset", type=_positive_int, help="evaluate on a seeded random subset of N images")
-    g.add_argument("--holdout", type=_positive_int,
+    g.add_argument("--subset", type=_ranged("data.subset", int), help="train on a seeded random subset of N images")
+    g.add_argument("--test-subset", type=_ranged("data.test_subset", int),
+                   help="evaluate on a seeded random subset of N images")
+    g.add_argument("--holdout", type=_ranged("data.holdout", int),
                    help="evaluate on N training images held out (the same N for every seed) instead of the test "
                         "split: a validation set for choosing settings")
-    g.add_argument("--resize", type=_positive_int, help="input resolution (default: the model's)")
-    g.add_argument("--crop-padding", type=_nonneg_int, help="random translation of up to N pixels")
+    g.add_argument("--resize", type=_ranged("data.resize", int), help="input resolution (default: the model's)")
+    g.add_argument("--crop-padding", type=_ranged("data.crop_padding", int),
+                   help="random translation of up to N pixels")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips")
     g.add_argument("--normalize", action=argparse.BooleanOptionalAction, help="normalize by training mean/std")
     g.add_argument("--whiten", action=argparse.BooleanOptionalAction,
                    help="the paper's global contrast normalization and ZCA whitening, fitted on the training set")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=_positive_int)
-    g.add_argument("--batch-size", type=_positive_int)
-    g.add_argument("--lr", type=_float, help="peak learning rate")
-    g.add_argument("--momentum", type=_float)
+    g.add_argument("--epochs", type=_ranged("train.epochs", int))
+    g.add_argument("--batch-size", type=_ranged("train.batch_size", int))
+    g.add_argument("--lr", type=_ranged("train.lr"), help="peak learning rate")
+    g.add_argument("--momentum", type=_ranged("train.momentum"))
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
-    g.add_argument("--weight-decay", type=_float)
+    g.add_argument("--weight-decay", type=_ranged("train.weight_decay"))
     g.add_argument("--schedule", choices=("constant", "cosine", "onecycle", "step"))
-    g.add_argument("--warmup", type=_float, help="fraction of steps spent warming up")
+    g.add_argument("--warmup", type=_ranged("train.warmup"), help="fraction of steps spent warming up")
     g.add_argument("--milestones", type=_fractions, help="step schedule: fractions of the run where the lr drops, "
                                                          "e.g. 0.5,0.75")
-    g.add_argument("--gamma", type=_float, help="step schedule: factor applied at each milestone (default 0.1)")
-    g.add_argument("--label-smoothing", type=_float)
-    g.add_argument("--max-steps", type=_positive_int, help="stop after N optimizer steps (smoke runs)")
+    g.add_argument("--gamma", type=_ranged("train.gamma"),
+                   help="step schedule: factor applied at each milestone (default 0.1)")
+    g.add_argument("--label-smoothing", type=_ranged("train.label_smoothing"))
+    g.add_argument("--max-steps", type=_ranged("train.max_steps", int),
+                   help="stop after N optimizer steps (smoke runs)")
     g.add_argument("--on-diverge", choices=("stop", "rollback"),
                    help="a NaN/inf loss: stop (default), or roll back to the epoch's start with a lower lr")
-    g.add_argument("--rollback-factor", type=_float, help="rollback: multiply the lr by this (default 0.5)")
-    g.add_argument("--max-rollbacks", type=_positive_int, help="rollback: give up after N (default 3)")
+    g.add_argument("--rollback-factor", type=_ranged("train.rollback_factor"),
+                   help="rollback: multiply the lr by this (default 0.5)")
+    g.add_argument("--max-rollbacks", type=_ranged("train.max_rollbacks", int),
+                   help="rollback: give up after N (default 3)")
     g = p.add_argument_group("speed")
     _add_speed_options(g)
-    g.add_argument("--eval-batch-size", type=_positive_int)
-    g.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
+    g.add_argument("--eval-batch-size", type=_ranged("train.eval_batch_size", int))
+    g.add_argument("--threads", type=flag_type(THREADS, int), help="CPU threads (default: all cores)")
     g = p.add_argument_group("run")
     g.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--out", help="run directory (default runs/MODEL-DATE); must not exist yet")
-    g.add_argument("--resume", metavar="RUN_OR_CHECKPOINT", help="continue a run from its latest checkpoint")
-    g.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
+    g.add_argument("--seed", type=_ranged("run.seed", int))
+    g.add_argument("--out", type=_path, help="run directory (default runs/MODEL-DATE); must not exist yet")
+    g.add_argument("--resume", type=_path, metavar="RUN_OR_CHECKPOINT",
+                   help="continue a run from its latest checkpoint")
+    g.add_argument("--checkpoint-every", type=_ranged("checkpoint.every_steps", int), metavar="N",
                    help="also save a checkpoint every N steps inside an epoch (default: at each epoch's end only)")
-    g.add_argument("--keep-last", type=_nonneg_int, metavar="N",
+    g.add_argument("--keep-last", type=_ranged("checkpoint.keep_last", int), metavar="N",
                    help="keep the newest N checkpoints (default 3; 0 keeps all); the best one is always kept")
     g.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
 
@@ -271,24 +290,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the studies and their budgets")
     p.add_argument("--budget", choices=("cpu", "full"), default="cpu",
                    help="cpu (default): within about 20 minutes on a 2-core CPU; full: the seed's settings, for a GPU")
-    p.add_argument("--seeds", type=_positive_int, help="seeds per variant (default: the budget's, 3)")
-    p.add_argument("--epochs", type=_positive_int, help="override the budget's epochs")
-    p.add_argument("--subset", type=_positive_int, help="override the budget's training images")
-    p.add_argument("--data-dir", help="directory holding the data files")
+    p.add_argument("--seeds", type=flag_type(Range(1, 1000), int), help="seeds per variant (default: the budget's, 3)")
+    p.add_argument("--epochs", type=_ranged("train.epochs", int), help="override the budget's epochs")
+    p.add_argument("--subset", type=_ranged("data.subset", int), help="override the budget's training images")
+    p.add_argument("--data-dir", type=_path, help="directory holding the data files")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=flag_type(THREADS, int), help="CPU threads (default: all cores)")
     p.add_argument("--on-diverge", choices=("stop", "rollback"), default="stop",
                    help="stop (default): a diverged run is recorded as such; rollback: retry it at a lower lr")
-    p.add_argument("--out", help="report folder (default runs/study-NAME-BUDGET); an existing one is continued")
+    p.add_argument("--out", type=_path,
+                   help="report folder (default runs/study-NAME-BUDGET); an existing one is continued")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the recorded runs")
 
     p = sub.add_parser("predict", help="classify image files with a trained model: top-k classes and probabilities",
                        description="Classify PNG/JPEG files (any size and mode) or folders of them. Each image is "
                                    "decoded and normalized exactly as the run's training images were.")
     _add_checkpoint(p)
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
-    p.add_argument("--top-k", type=_positive_int, default=5, help="classes to show per image (default 5)")
-    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("images", nargs="+", type=_path, metavar="IMAGE", help="image files or folders")
+    p.add_argument("--max-pixels", type=_ranged("data.max_pixels", int), metavar="N", help=MAX_PIXELS_HELP)
+    p.add_argument("--top-k", type=flag_type(Range(1, 100_000), int), default=5,
+                   help="classes to show per image (default 5)")
+    p.add_argument("--batch-size", type=_ranged("train.batch_size", int), default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="one JSON document: predictions and per-file errors")
 
@@ -296,12 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Overlay each image with the class maps of its top-k classes: channel k of a "
                                    "NiN's last block, whose mean is class k's logit, upsampled to the image.")
     _add_checkpoint(p)
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders (or use --grid)")
-    p.add_argument("--top-k", type=_positive_int, help="classes per image (default 3)")
-    p.add_argument("--grid", type=_positive_int, metavar="N",
+    p.add_argument("images", nargs="*", type=_path, metavar="IMAGE", help="image files or folders (or use --grid)")
+    p.add_argument("--top-k", type=flag_type(Range(1, 100_000), int), help="classes per image (default 3)")
+    p.add_argument("--max-pixels", type=_ranged("data.max_pixels", int), metavar="N", help=MAX_PIXELS_HELP)
+    p.add_argument("--grid", type=flag_type(CAM_GRID, int), metavar="N",
                    help="the first N images of the run's test split, each with its top class and true class")
-    p.add_argument("--data-dir", help="directory holding the data files (--grid)")
-    p.add_argument("--out", default="cam.png", help="PNG to write (default cam.png)")
+    p.add_argument("--data-dir", type=_path, help="directory holding the data files (--grid)")
+    p.add_argument("--out", type=_path, default="cam.png", help="PNG to write (default cam.png); never replaced "
+                                                                "unless --force")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("export", help="export a trained model to ONNX or TorchScript, verified against PyTorch",
@@ -311,52 +336,60 @@ def build_parser() -> argparse.ArgumentParser:
                                    "is kept.")
     _add_checkpoint(p)
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
-    p.add_argument("--out", help="file to write (default: RUN/MODEL-CHECKPOINT.onnx or .pt); never overwritten")
-    p.add_argument("--tolerance", type=_positive_float, default=1e-4,
+    p.add_argument("--out", type=_path, help="file to write (default: RUN/MODEL-CHECKPOINT.onnx or .pt), and OUT.json; "
+                                             "never replaced unless --force")
+    p.add_argument("--force", action="store_true", help="replace --out and OUT.json if they exist")
+    p.add_argument("--tolerance", type=flag_type(Range(0, 1, lo_open=True)), default=1e-4,
                    help="largest allowed logit difference (default 1e-4)")
-    p.add_argument("--data-dir", help="directory holding the data files (for the verification images)")
+    p.add_argument("--data-dir", type=_path, help="directory holding the data files (for the verification images)")
 
     p = sub.add_parser("evaluate", help="test accuracy, per-class accuracy and a confusion matrix")
     _add_checkpoint(p)
-    p.add_argument("--data-dir", help="directory holding the data files")
+    p.add_argument("--data-dir", type=_path, help="directory holding the data files")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=_positive_int, default=1000)
-    p.add_argument("--out", help="where to write confusion.png and evaluation.json (default: the checkpoint)")
+    p.add_argument("--batch-size", type=_ranged("train.batch_size", int), default=1000)
+    p.add_argument("--out", type=_path, help="folder to write confusion.png and evaluation.json in (default: the "
+                                             "checkpoint's); existing ones are never replaced unless --force")
+    p.add_argument("--force", action="store_true", help="replace confusion.png and evaluation.json if they exist")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("bench", help="training/inference speed, latency, memory and MFU; --baseline: vs the seed's way")
     p.add_argument("--model", default="nin_d2l", help="registered model (default nin_d2l)")
-    p.add_argument("--size", type=_positive_int, help="input side (default: the model's)")
-    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--size", type=flag_type(Range(1, MAX_IMAGE_SIDE), int), help="input side (default: the model's)")
+    p.add_argument("--batch-size", type=_ranged("train.batch_size", int), default=128)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     _add_speed_options(p)
-    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=flag_type(THREADS, int), help="CPU threads (default: all cores)")
     g = p.add_argument_group("timing")
-    g.add_argument("--warmup", type=_nonneg_int, default=1, help="untimed steps first (default 1)")
-    g.add_argument("--steps", type=_positive_int, help="steps per timed block (default: about --block-seconds)")
-    g.add_argument("--block-seconds", type=_positive_float, default=2.0)
-    g.add_argument("--repeats", type=_positive_int, default=3, help="timed blocks; the median is reported")
-    g.add_argument("--latency-runs", type=_positive_int, default=20)
+    g.add_argument("--warmup", type=flag_type(Range(0, 10_000), int), default=1, help="untimed steps first (default 1)")
+    g.add_argument("--steps", type=flag_type(Range(1, 10**6), int),
+                   help="steps per timed block (default: about --block-seconds)")
+    g.add_argument("--block-seconds", type=flag_type(Range(0, 3600, lo_open=True)), default=2.0)
+    g.add_argument("--repeats", type=flag_type(Range(1, 1000), int), default=3,
+                   help="timed blocks; the median is reported")
+    g.add_argument("--latency-runs", type=flag_type(Range(1, 100_000), int), default=20)
     g.add_argument("--data", choices=("auto", "real", "synthetic"), default="auto",
                    help="auto: real Fashion-MNIST when found locally, else synthetic uint8 images")
-    g.add_argument("--data-dir", help="directory holding the data files")
+    g.add_argument("--data-dir", type=_path, help="directory holding the data files")
     g = p.add_argument_group("what to run")
     g.add_argument("--baseline", action="store_true",
                    help="also time the seed's way (fp32, NCHW, PIL resize in DataLoader workers) and print ratios")
-    g.add_argument("--workers", type=_nonneg_int, default=4, help="DataLoader workers of the baseline (default 4)")
+    g.add_argument("--workers", type=flag_type(Range(0, 256), int), default=4,
+                   help="DataLoader workers of the baseline (default 4)")
     g.add_argument("--ablate", nargs="?", const="all", metavar="SWITCHES",
                    help="also time the fast path with each speed switch flipped: all (default) or a comma list "
                         "of channels_last, fused, fold_bn, compile, amp")
     g.add_argument("--time-to-accuracy", action="store_true",
                    help="train a recipe on real Fashion-MNIST; print when each --targets accuracy is first reached")
     g.add_argument("--preset", default="default", help="recipe for --time-to-accuracy (default: default)")
-    g.add_argument("--epochs", type=_positive_int, help="epochs for --time-to-accuracy (default: the preset's)")
+    g.add_argument("--epochs", type=_ranged("train.epochs", int),
+                   help="epochs for --time-to-accuracy (default: the preset's)")
     g.add_argument("--targets", default="0.91,0.93", help="test accuracies for --time-to-accuracy")
-    g.add_argument("--subset", type=_positive_int, metavar="N",
+    g.add_argument("--subset", type=_ranged("data.subset", int), metavar="N",
                    help="--time-to-accuracy on a seeded N of the training images (a quick check of the command; "
                         "its times are not the recipe's)")
     p.add_argument("--json", action="store_true", help="print the results as JSON (the table goes to stderr)")
-    p.add_argument("--record", metavar="DIR",
+    p.add_argument("--record", type=_path, metavar="DIR",
                    help="also keep the results, the command and this machine's fingerprint (nin doctor) as a new "
                         "JSON file in DIR, e.g. benchmarks/results (docs/performance.md is rendered from those)")
 
@@ -366,35 +399,37 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the training split, never on the test set, and kept in an Optuna storage "
                                    "(OUT/tune.db); the best configuration is written to OUT/best.yaml for "
                                    "nin train --config.")
-    p.add_argument("--trials", type=_positive_int, default=20, metavar="N",
+    p.add_argument("--trials", type=flag_type(Range(1, 100_000), int), default=20, metavar="N",
                    help="trials to add, over all workers (default 20)")
-    p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--workers", type=flag_type(Range(1, 256), int), default=1, metavar="N",
                    help="worker processes on this machine sharing the study and the cores (default 1)")
     p.add_argument("--preset", help="recipe the trials start from (default: the config file's, else default)")
-    p.add_argument("--config", metavar="FILE", help="base settings from a TOML, YAML or JSON file (over --preset)")
+    p.add_argument("--config", type=_path, metavar="FILE",
+                   help="base settings from a TOML, YAML or JSON file (over --preset)")
     p.add_argument("--model", help="registered model name (see `nin models`)")
-    p.add_argument("--dataset", "--data", dest="dataset", help="as for nin train (default: the preset's)")
-    p.add_argument("--data-dir", help="directory holding the data files (also NIN_DATA_DIR)")
-    p.add_argument("--holdout", type=_positive_int, metavar="N",
+    p.add_argument("--dataset", "--data", dest="dataset", type=_path, help="as for nin train (default: the preset's)")
+    p.add_argument("--data-dir", type=_path, help="directory holding the data files (also NIN_DATA_DIR)")
+    p.add_argument("--holdout", type=_ranged("data.holdout", int), metavar="N",
                    help="validation images held out from the training split (default: 5000, at most a tenth)")
-    p.add_argument("--subset", type=_positive_int, metavar="N",
+    p.add_argument("--subset", type=_ranged("data.subset", int), metavar="N",
                    help="train each trial on N of the remaining training images")
-    p.add_argument("--max-epochs", type=_positive_int, default=3, metavar="N",
+    p.add_argument("--max-epochs", type=_ranged("train.epochs", int), default=3, metavar="N",
                    help="epochs are searched in 1..N (default 3)")
     p.add_argument("--space", action="append", default=[], metavar="KEY=...",
                    help="change the search: KEY=LOW..HIGH[:log|:linear], KEY=A,B,... or KEY=VALUE for any train "
                         "setting (repeatable)")
-    p.add_argument("--startup-trials", type=_nonneg_int, default=5, metavar="N",
+    p.add_argument("--startup-trials", type=flag_type(Range(0, 10_000), int), default=5, metavar="N",
                    help="random trials before TPE, and finished trials before pruning (default 5)")
     p.add_argument("--storage", metavar="URL", help="Optuna database URL shared by workers on several machines "
-                                                     "(default: sqlite:///OUT/tune.db)")
+                                                    "(default: sqlite:///OUT/tune.db)")
     p.add_argument("--study-name", default="nin-tune", help="study in the storage; continued if it exists")
-    p.add_argument("--threads", type=_positive_int, metavar="N",
+    p.add_argument("--threads", type=flag_type(THREADS, int), metavar="N",
                    help="torch threads per worker (default: cores / workers)")
     p.add_argument("--device", help="auto, cpu or cuda[:N] (default: the preset's)")
-    p.add_argument("--seed", type=int, help="training seed of every trial and seed of the sampler")
-    p.add_argument("--out", help="directory for tune.db, trials/ and best.yaml (default runs/tune-DATE); an "
-                                 "existing one is continued")
+    p.add_argument("--seed", type=_ranged("run.seed", int), help="training seed of every trial and seed of the sampler")
+    p.add_argument("--out", type=_path,
+                   help="directory for tune.db, trials/ and best.yaml (default runs/tune-DATE); an "
+                        "existing one is continued")
     p.add_argument("--quiet", action="store_true", help="no line per finished trial")
 
     p = sub.add_parser("doctor", help="this machine, what nin will do on it and why, and how fast it can go",
@@ -534,7 +569,7 @@ _TRAIN_FIELDS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_d
                  "milestones", "gamma", "label_smoothing", "max_steps", "amp", "channels_last", "compile", "fused",
                  "fold_bn", "eval_batch_size", "on_diverge", "rollback_factor", "max_rollbacks")
 _DATA_FIELDS = ("dataset", "data_dir", "download", "verify", "subset", "test_subset", "resize", "crop_padding",
-                "flip", "normalize", "whiten", "test_dir", "test_fraction", "skip_bad_images", "holdout")
+                "flip", "normalize", "whiten", "test_dir", "test_fraction", "skip_bad_images", "holdout", "max_pixels")
 
 
 @contextlib.contextmanager
@@ -548,8 +583,12 @@ def _removed_if_failed(path: Path, disposable: tuple[str, ...] = ()):
     while not p.exists() and p != p.parent:
         missing.append(p)
         p = p.parent
+    from nin.run import RunDirBusy
+
     try:
         yield
+    except RunDirBusy:
+        raise  # another process owns the folder: it is not this command's to remove
     except BaseException:
         if missing:
             kept = path.is_dir() and any(f.name not in disposable for f in path.rglob("*") if not f.is_dir())
@@ -566,7 +605,7 @@ def _given(args: argparse.Namespace, *names: str) -> list[str]:
 
 def _check_train_flags(args: argparse.Namespace, cfg) -> None:
     """Refuse flags that the other settings would silently ignore."""
-    folder_flags = _given(args, "test_dir", "test_fraction", "skip_bad_images")
+    folder_flags = _given(args, "test_dir", "test_fraction", "skip_bad_images", "max_pixels")
     if folder_flags and not cfg.data.dataset.startswith("folder:"):
         raise NinError(f"{folder_flags[0]} is for image folders (--dataset folder:PATH); {cfg.data.dataset} has "
                        "its own test split")
@@ -635,7 +674,8 @@ def _train(args: argparse.Namespace) -> int:
     main = current().is_main
     if args.resume:
         keep = {"epochs": args.epochs, "max_steps": args.max_steps, "device": args.device}
-        result = train(cfg, resume=args.resume, keep=keep, progress=not args.quiet and main, handle_signals=True)
+        result = train(cfg, resume=args.resume, keep=keep, progress=not args.quiet and main, handle_signals=True,
+                       log=lambda line: print(f"nin: note: {line}", file=sys.stderr, flush=True))
     else:
         cfg.train.validate()
         _check_train_flags(args, cfg)
@@ -703,7 +743,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from nin.run import load_trained
 
     trained = load_trained(args.checkpoint, args.device)
-    preds, bad = predict_files(trained, args.images, args.top_k, args.batch_size)
+    preds, bad = predict_files(trained, args.images, args.top_k, args.batch_size, max_pixels=args.max_pixels)
     if args.json:
         print(json.dumps({"checkpoint": str(trained.path), "model": trained.name,
                           "predictions": [p.to_dict() for p in preds],
@@ -719,6 +759,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_cam(args: argparse.Namespace) -> int:
+    from nin.atomic import refuse_existing
     from nin.cam import cam_panels, check_cam_model, plot_cams
     from nin.predict import decode, expand
     from nin.run import load_trained
@@ -732,6 +773,7 @@ def cmd_cam(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise NinError(f"--out must be a .png file, got {out}")
+    refuse_existing(out, force=args.force)  # before minutes of work, not after
     t = load_trained(args.checkpoint, args.device)
     check_cam_model(t.model)
     bad = []
@@ -744,7 +786,7 @@ def cmd_cam(args: argparse.Namespace) -> int:
         panels = [flat[i:i + per_row] for i in range(0, len(flat), per_row)]
         title = f"{t.name}: top class map of {n} test images"
     else:
-        images, good, bad = decode(expand(args.images), *t.stored_shape())
+        images, good, bad = decode(expand(args.images), *t.stored_shape(), max_pixels=args.max_pixels)
         for f, why in bad:
             print(f"nin: error: {f}: {why}", file=sys.stderr)
         if not good:
@@ -752,7 +794,7 @@ def cmd_cam(args: argparse.Namespace) -> int:
         top_k = args.top_k or 3
         panels = cam_panels(t, images, top_k)
         title = f"{t.name}: class maps of the top {min(top_k, len(t.classes))} classes"
-    plot_cams(panels, out, title)
+    plot_cams(panels, out, title, exclusive=not args.force)
     print(f"wrote {out}")
     return 1 if bad else 0
 
@@ -765,7 +807,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else t.path.parent.parent / f"{t.name}-{t.path.name}{FORMATS[args.format]}"
     if args.data_dir:
         t.config.data.data_dir = args.data_dir
-    result = export(t, args.format, out, sample_inputs(t), args.tolerance)
+    result = export(t, args.format, out, sample_inputs(t), args.tolerance, force=args.force)
     print(f"wrote {result.path} ({args.format}, input images [N, {', '.join(map(str, t.model.input_size))}] "
           f"scaled 0-1, output logits [N, {len(t.classes)}])")
     print(f"verified: max |logit difference| {result.max_abs_diff:.2e} against PyTorch on real test images at batch "
@@ -784,25 +826,26 @@ def _test_split(t, data_dir: str | None):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from nin.atomic import atomic_paths
+    from nin.atomic import atomic_paths, refuse_existing
     from nin.plots import plot_confusion
     from nin.run import load_trained
     from nin.train import confusion_matrix, predict
 
     t = load_trained(args.checkpoint, args.device)
     model, path, name, dataset, classes = t.model, t.path, t.name, t.dataset, t.classes
+    out = Path(args.out) if args.out else path
+    png, doc = out / "confusion.png", out / "evaluation.json"
+    refuse_existing(png, doc, force=args.force)
     test = _test_split(t, args.data_dir)
     preds, truth = predict(model, t.loader(test.images, test.labels, args.batch_size))
     k = len(classes)
     cm = confusion_matrix(preds, truth, k)
     per_class = (cm.diag().double() / cm.sum(1).clamp(min=1)).tolist()
     acc = float(cm.diag().sum()) / max(int(cm.sum()), 1)
-    out = Path(args.out) if args.out else path
-    png = out / "confusion.png"
     result = {"checkpoint": str(path), "model": name, "dataset": dataset, "examples": int(cm.sum()),
               "test_acc": acc, "per_class_acc": dict(zip(classes, per_class)), "confusion": cm.tolist(),
               "confusion_png": str(png)}
-    with atomic_paths(png, out / "evaluation.json") as (tmp_png, tmp_json):  # both files or neither
+    with atomic_paths(png, doc, exclusive=not args.force) as (tmp_png, tmp_json):  # both files or neither
         plot_confusion(cm, classes, tmp_png, title=f"{name}: test acc {acc:.4f}")
         tmp_json.write_text(json.dumps(result, indent=1))
     if args.json:

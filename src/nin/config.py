@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from nin.errors import NinError
+from nin.files import read_regular_text
 from nin.run import PRESETS, RunConfig, preset
 
 SUFFIXES = (".toml", ".yaml", ".yml", ".json")
+MAX_CONFIG_BYTES = 16 * 2**20  # a config file holds settings: a few kB
 
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -39,12 +41,7 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
         raise NinError(f"{path}: unknown config format {path.suffix or '(no suffix)'!r}; use .toml, .yaml or .json")
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise NinError(f"{path}: cannot read the config file ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise NinError(f"{path}: not a text file") from None
+    text = read_regular_text(path, MAX_CONFIG_BYTES)  # a FIFO or a device is named, never read from
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nin.atomic import atomic_paths
+from nin.atomic import atomic_paths, refuse_existing
 from nin.errors import NinError
 from nin.loader import _per_channel
 
@@ -84,20 +84,20 @@ def sample_inputs(trained, n: int = 16) -> torch.Tensor:
     return DeviceLoader(images, torch.zeros(len(images), dtype=torch.long), n, size=trained.size).transform(images)
 
 
-def export(trained, fmt: str, out: str | os.PathLike, inputs: torch.Tensor, tolerance: float = 1e-4) -> Exported:
-    """Write ``trained`` as ``fmt`` to ``out`` (never over an existing file), then verify it on ``inputs``."""
+def export(trained, fmt: str, out: str | os.PathLike, inputs: torch.Tensor, tolerance: float = 1e-4, *,
+           force: bool = False) -> Exported:
+    """Write ``trained`` as ``fmt`` to ``out`` (and ``out.json``), then verify it on ``inputs``; existing files are
+    never replaced unless ``force``."""
     if fmt not in FORMATS:
         raise NinError(f"unknown export format {fmt!r}; choose {' or '.join(FORMATS)}")
     out = Path(out)
     sidecar = out.with_name(out.name + ".json")
-    for path in (out, sidecar):
-        if path.exists():
-            raise NinError(f"{path}: already exists; choose another --out")
+    refuse_existing(out, sidecar, force=force)
     module = deployable(trained)
     reference = Deployable(trained.model.float().cpu().eval(), trained.mean, trained.std)  # unfolded, as trained
     # Both files are written to temporary names and moved into place together once verified: a failure (a
     # mismatch, a full disk) leaves neither behind.
-    with atomic_paths(out, sidecar) as (tmp, tmp_meta):
+    with atomic_paths(out, sidecar, exclusive=not force) as (tmp, tmp_meta):
         if fmt == "onnx":
             _export_onnx(module, inputs[:2], tmp)
             run = _onnx_runner(tmp)

@@ -111,3 +111,36 @@ def read_regular_text(path: str | os.PathLike[str], limit: int | None = None, *,
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
+
+class DirLock:
+    """Exclusive ownership of folder ``path`` by this process, while held: an advisory ``flock`` on the
+    folder itself (no lock file is written, so a refused command changes nothing). The kernel drops the
+    lock when the process ends, however it ends, so a crash never leaves a stale lock behind."""
+
+    def __init__(self, path: str | os.PathLike[str], *, error: type[NinError] = FileError,
+                 busy: str = "in use by another process") -> None:
+        self.path = Path(path)
+        try:
+            self._fd: int | None = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise error(f"{path}: {os_reason(e)}") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            self.release()
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise error(f"{path}: {busy}") from None
+            if e.errno in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                return  # a file system without locks (some network mounts): held by no one, as before locks
+            raise error(f"{path}: cannot lock it ({os_reason(e)})") from None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> DirLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

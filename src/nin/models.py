@@ -17,7 +17,6 @@ and each registered model is a one-line factory over a spec table.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from nin.bounds import MAX_IMAGE_SIDE, Range
 from nin.errors import NinError
 from nin.registry import MODELS, ModelEntry, Registry, create_model, list_models, model_entry, register_model
 
@@ -365,8 +365,9 @@ class _ConvReLU(torch.autograd.Function):
 
 def _head_widths(widths: tuple[int, ...], head_width: int) -> tuple[int, ...]:
     """The classifier block with every conv but the last ``head_width`` wide (a gradual reduction to the classes)."""
-    if not isinstance(head_width, int) or isinstance(head_width, bool) or head_width < 1:
-        raise NinError(f"head_width must be a positive integer, got {head_width!r}")
+    if not isinstance(head_width, int) or isinstance(head_width, bool):
+        raise NinError(f"head_width must be an integer, got {head_width!r}")
+    HEAD_WIDTH.check(head_width, "head_width")
     if len(widths) < 2:
         raise NinError("head_width needs a 1x1 conv in the classifier block (mlp_layers of at least 1)")
     return (head_width,) * (len(widths) - 1) + widths[-1:]
@@ -382,28 +383,36 @@ def conv_out_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: 
 
 
 def check_input_size(size) -> tuple[int, int]:
-    """``size`` as an ``(H, W)`` tuple of positive integers, or :class:`NinError`."""
+    """``size`` as an ``(H, W)`` tuple of integers in [1, MAX_IMAGE_SIDE], or :class:`NinError`."""
     try:
         h, w = (int(v) for v in size)
-        ok = (h, w) == tuple(size) and h > 0 and w > 0
-    except (TypeError, ValueError):
+        ok = (h, w) == tuple(size) and all(not isinstance(v, bool) and 1 <= v <= MAX_IMAGE_SIDE for v in (h, w))
+    except (TypeError, ValueError, OverflowError):
         ok = False
     if not ok:
-        raise NinError(f"input_size must be two positive integers (H, W), got {size!r}")
+        shown = repr(size) if len(repr(size)) <= 40 else repr(size)[:37] + "..."
+        raise NinError(f"input_size must be two integers (H, W) from 1 to {MAX_IMAGE_SIDE}, got {shown}")
     return h, w
 
 
+#: Ranges of the options every model takes (the flags of the same names are checked against them too).
+NUM_CLASSES = Range(1, 100_000)
+IN_CHANNELS = Range(1, 256)
+WIDTH = Range(1 / 16, 8)  # a channel multiplier: below 1/16 every layer of nin28 is one channel wide
+HEAD_WIDTH = Range(1, 65_536)
+DROPOUT = Range(0, 1, hi_open=True)
+
+
 def _check_overrides(num_classes, in_channels, mlp_layers, width, dropout) -> None:
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise NinError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if not isinstance(in_channels, int) or in_channels < 1:
-        raise NinError(f"in_channels must be a positive integer, got {in_channels!r}")
+    for name, value, r in (("num_classes", num_classes, NUM_CLASSES), ("in_channels", in_channels, IN_CHANNELS)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise NinError(f"{name} must be an integer, got {value!r}")
+        r.check(value, name)
     if mlp_layers is not None and (not isinstance(mlp_layers, int) or not 0 <= mlp_layers <= 3):
         raise NinError(f"mlp_layers must be 0, 1, 2 or 3, got {mlp_layers!r}")
-    if not isinstance(width, (int, float)) or not math.isfinite(width) or width <= 0:
-        raise NinError(f"width must be a positive number, got {width!r}")
-    if dropout is not None and not 0.0 <= dropout < 1.0:
-        raise NinError(f"dropout must be in [0, 1), got {dropout!r}")
+    WIDTH.check(width, "width")
+    if dropout is not None:
+        DROPOUT.check(dropout, "dropout")
 
 
 # ------------------------------------------------------------------------ weights

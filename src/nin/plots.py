@@ -55,10 +55,11 @@ def plot_confusion(matrix, classes: Sequence[str], path: str | os.PathLike, titl
     return _save(fig, path)
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
-    """Save whole or not at all (:mod:`nin.atomic`): a crash or a full disk never leaves half a PNG."""
+def _save(fig, path: str | os.PathLike, *, exclusive: bool = False) -> Path:
+    """Save whole or not at all (:mod:`nin.atomic`): a crash or a full disk never leaves half a PNG.
+    ``exclusive``: never over an existing file (:class:`~nin.atomic.OutputExists`)."""
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, exclusive=exclusive) as tmp:
             fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import types
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -23,9 +25,11 @@ from torch import nn
 from nin import checkpoint as ckpt
 from nin import distributed
 from nin.atomic import write_error, write_text
+from nin.bounds import bounded, check_ranges
 from nin.callbacks import Checkpointer, CurvePlotter, MetricsWriter, ProgressBar, RollbackLog
 from nin.datasets import DataConfig, image_shape, load_splits
 from nin.errors import NinError
+from nin.files import DirLock, check_dir, read_regular_text
 from nin.loader import Augment, DeviceLoader, channel_stats
 from nin.models import DEFAULT_MODEL, create_model, init_weights, model_entry
 from nin.train import Callback, Diverged, TrainConfig, Trainer, stop_on_signals
@@ -40,14 +44,12 @@ class ModelConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int | None = None  # also save every N steps inside an epoch (besides each epoch's end)
-    keep_last: int = 3  # newest checkpoints kept (0: all); the best one is kept as well
+    # also save every N steps inside an epoch (besides each epoch's end)
+    every_steps: int | None = bounded(None, 1, 10**12)
+    keep_last: int = bounded(3, 0, 10**6)  # newest checkpoints kept (0: all); the best one is kept as well
 
     def validate(self) -> None:
-        if self.every_steps is not None and self.every_steps < 1:
-            raise NinError(f"checkpoint interval must be at least 1 step, got {self.every_steps}")
-        if self.keep_last < 0:
-            raise NinError(f"keep_last must be >= 0 (0 keeps every checkpoint), got {self.keep_last}")
+        check_ranges(self)
 
 
 @dataclass
@@ -56,8 +58,15 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    seed: int = 0
+    seed: int = bounded(0, 0, 2**32 - 1)
     device: str = "auto"
+
+    def validate(self) -> None:
+        """Every setting against its range (the flags are checked as they are parsed; a config file here)."""
+        check_ranges(self)
+        self.data.validate()
+        self.train.validate()
+        self.checkpoint.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -241,13 +250,10 @@ def build(cfg: RunConfig, *, init: bool = True) -> Built:
     The model takes the data set's channels and class count unless the run sets them
     (``in_channels``, ``num_classes``); an image folder is decoded to the model's channels and size.
     """
-    cfg.train.validate()
-    cfg.checkpoint.validate()
+    cfg.validate()
     device = resolve_device(cfg.device)
     env = distributed.current()
     d = cfg.data
-    if d.resize is not None and d.resize < 1:
-        raise NinError(f"--resize must be a positive size, got {d.resize}")
     options = model_options(cfg)
     entry = model_entry(cfg.model.name)
     channels = options.get("in_channels", entry.input_size[0])
@@ -333,28 +339,60 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.model.name}-{stamp}"
 
 
-def prepare_run_dir(out: Path) -> Path:
-    """Create a new run directory; an existing non-empty one is never reused or overwritten."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+class RunDirBusy(NinError):
+    """Another process owns the run directory (it is training into it, or resuming it)."""
+
+
+def lock_run_dir(run_dir: Path) -> DirLock:
+    """This process's exclusive hold on ``run_dir`` for as long as it trains into it (see :class:`DirLock`)."""
+    return DirLock(run_dir, error=RunDirBusy,
+                   busy="in use by another nin process (training or resuming it); wait for it to end, or choose "
+                        "another --out")
+
+
+def _reusable(out: Path) -> bool:
+    return out.is_dir() and not any(out.iterdir())
+
+
+def prepare_run_dir(out: Path) -> tuple[Path, DirLock]:
+    """Create a new run directory, owned by this process (the lock returned); an existing non-empty one is
+    never reused or overwritten, and one another process is starting in is refused."""
+    if out.exists() and not _reusable(out):
         raise NinError(f"{out}: already exists; pass --resume {out} to continue it, or choose another --out")
+    if str(out) in ("", "."):
+        raise NinError("--out must name a new folder, got the current one")
     try:
         out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NinError(f"{out}: cannot write the run directory ({e.strerror or e})") from None
+    lock = lock_run_dir(out)
+    try:
+        if not _reusable(out):  # another process got there first and has written to it since
+            raise NinError(f"{out}: already exists; pass --resume {out} to continue it, or choose another --out")
         probe = out / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
+        lock.release()
         raise NinError(f"{out}: cannot write the run directory ({e.strerror or e})") from None
-    return out
+    except BaseException:
+        lock.release()
+        raise
+    return out, lock
+
+
+MAX_CONFIG_BYTES = 64 * 2**20
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
     file = run_dir / "config.json"
+    if not os.path.lexists(file):
+        raise NinError(f"{run_dir}: not a run directory (no config.json)")
+    text = read_regular_text(file, MAX_CONFIG_BYTES, error=NinError)
     try:
-        doc = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise NinError(f"{run_dir}: not a run directory (no config.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise NinError(f"{file}: not valid JSON ({e})") from None
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise NinError(f"{file}: not valid JSON ({' '.join(str(e).split())})") from None
     if not isinstance(doc, dict):
         raise NinError(f"{file}: not a run configuration (expected a JSON object)")
     try:
@@ -383,13 +421,27 @@ class _Start:
     checkpoint: Path | None = None
     meta: dict[str, Any] | None = None
     state: dict[str, Any] | None = None
+    note: str | None = None  # for the user, e.g. that a run without a checkpoint starts again
 
 
-def _start(cfg: RunConfig, out, resume, keep: dict[str, Any] | None) -> _Start:
+def _run_dir_of(resume: Path) -> Path:
+    """The run directory of ``--resume PATH``: PATH itself, or the run a checkpoint folder belongs to."""
+    check_dir(resume, error=ckpt.CheckpointError, what="checkpoint or run directory")
+    return resume.parent.parent if os.path.lexists(resume / "meta.json") else resume
+
+
+def _start(cfg: RunConfig, out, resume, keep: dict[str, Any] | None, locks: list[DirLock]) -> _Start:
+    """Create the run directory, or read what a resumed run needs; the run directory's lock goes to ``locks``."""
     if resume is None:
-        return _Start(cfg, prepare_run_dir(Path(out) if out is not None else default_run_dir(cfg)))
-    ck = ckpt.resolve(resume)
-    run_dir = ck.parent.parent
+        run_dir, lock = prepare_run_dir(Path(out) if out is not None else default_run_dir(cfg))
+        locks.append(lock)
+        return _Start(cfg, run_dir)
+    run_dir = _run_dir_of(Path(resume))
+    locks.append(lock_run_dir(run_dir))  # before anything is read: a run being trained is not resumed
+    try:
+        ck = ckpt.resolve(resume)
+    except ckpt.NoCheckpoint:
+        ck = None  # stopped before its first checkpoint: it starts again, with its saved settings
     saved = load_run_config(run_dir)
     if keep is None:  # the caller's cfg decides epochs, max_steps and device
         keep = {"epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps, "device": cfg.device}
@@ -398,6 +450,14 @@ def _start(cfg: RunConfig, out, resume, keep: dict[str, Any] | None) -> _Start:
     saved.train.max_steps = keep.get("max_steps")  # a step limit applies to the command that set it
     if keep.get("device") is not None:
         saved.device = keep["device"]
+    if ck is None:
+        return _Start(saved, run_dir, note=f"{run_dir} has no checkpoint yet (it stopped before its first one): "
+                                           "training it from the start with its saved settings")
+    newest = ckpt.step_folders(run_dir)[-1]
+    if ck.resolve() != newest.resolve():
+        raise ckpt.CheckpointError(f"{ck}: not the run's newest checkpoint ({newest.name} is newer); resuming from "
+                                   "it would rewrite the history after it: move the newer checkpoints out of "
+                                   f"{run_dir / 'checkpoints'} first, or copy the run")
     meta = ckpt.read_meta(ck)
     name = (meta.get("model") or {}).get("name") if isinstance(meta.get("model"), dict) else None
     if name != saved.model.name:
@@ -414,6 +474,7 @@ def train(
     callbacks: list[Callback] | None = None,
     progress: bool = True,
     handle_signals: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> Result:
     """Train a run from ``cfg`` into a new run directory, or continue one with ``resume``.
 
@@ -423,14 +484,31 @@ def train(
     (None: no limit); without ``keep`` they are taken from ``cfg``.
 
     ``handle_signals``: SIGINT or SIGTERM stops the run after the current step with a
-    checkpoint (``Result.signals`` lists them); a second signal stops at once.
+    checkpoint (``Result.signals`` lists them); a second signal stops at once. ``log`` receives
+    notes for the user (a resumed run that had no checkpoint yet starts again).
+
+    The run directory is owned by this call (a lock on the folder, see :func:`lock_run_dir`): another
+    process training or resuming into it is refused with :class:`RunDirBusy`. Resuming takes the run's
+    newest checkpoint; if that one is damaged, or an older one is named, it refuses rather than
+    rewrite the run's history.
 
     Under ``torchrun`` (after :func:`nin.distributed.setup`) every process calls this:
     the main process creates the run directory or reads the checkpoint and shares it,
     and only it writes files.
     """
-    start = distributed.on_main(lambda: _start(cfg, out, resume, keep))
+    locks: list[DirLock] = []  # the main process's hold on the run directory, until this returns
+    try:
+        return _train(cfg, out, resume, keep, callbacks, progress, handle_signals, log, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _train(cfg, out, resume, keep, callbacks, progress, handle_signals, log, locks) -> Result:
+    start = distributed.on_main(lambda: _start(cfg, out, resume, keep, locks))
     cfg, run_dir = start.cfg, start.run_dir
+    if start.note and log is not None and distributed.is_main_process():
+        log(start.note)
     built = build(cfg, init=start.checkpoint is None)
     if start.checkpoint is not None:
         # The main process checks and loads the weights; DistributedDataParallel copies them to the others.
@@ -451,7 +529,7 @@ def train(
         write_text(run_dir / "config.json", json.dumps(doc, indent=1))
 
     checkpointer = Checkpointer(run_dir, built.meta, keep_last=cfg.checkpoint.keep_last,
-                                every_steps=cfg.checkpoint.every_steps)
+                                every_steps=cfg.checkpoint.every_steps, resumed_from=start.checkpoint)
     cbs: list[Callback] = [ProgressBar(print_epochs=progress)] if progress else []
     cbs += [MetricsWriter(run_dir), RollbackLog(run_dir), CurvePlotter(run_dir, title=cfg.model.name), checkpointer,
             *(callbacks or [])]
@@ -515,6 +593,53 @@ class Trained:
                             std=self.std, whiten=self.whitening)
 
 
+def _pipeline_meta(d: dict[str, Any], model: nn.Module, where: Path) -> tuple:
+    """The data set, input size, mean, std and class names that ``meta.json``'s ``data`` table gives, checked as a
+    whole against the model it describes: the checksums prove the file intact, not that it makes sense.
+    Anything else is one :class:`~nin.checkpoint.CheckpointError` naming the field."""
+    def bad(field: str, why: str) -> ckpt.CheckpointError:
+        return ckpt.CheckpointError(f"{where}: data.{field} {why}")
+
+    def numbers(field: str) -> tuple[float, ...]:
+        v = d.get(field)
+        if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                              and math.isfinite(x) for x in v):
+            raise bad(field, f"must be a list of finite numbers, got {_shown(v)}")
+        if len(v) not in (1, channels):
+            raise bad(field, f"has {len(v)} values; the model takes {channels} channel(s) (1 value, or one each)")
+        return tuple(float(x) for x in v)
+
+    channels, size = model.input_size[0], tuple(model.input_size[1:])
+    dataset = d.get("dataset")
+    if not isinstance(dataset, str):
+        raise bad("dataset", f"must be a data set name, got {_shown(dataset)}")
+    try:
+        image_shape(dataset)
+    except NinError as e:
+        raise bad("dataset", f"is not usable ({e})") from None
+    stored = d.get("size")
+    if stored != list(size):
+        raise bad("size", f"is {_shown(stored)}; the model it describes takes {size[0]}x{size[1]} input")
+    mean, std = numbers("mean"), numbers("std")
+    if not all(s > 0 for s in std):
+        raise bad("std", f"must be positive (it divides every input), got {list(std)}")
+    classes = d.get("classes")
+    if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes):
+        raise bad("classes", f"must be a list of class names, got {_shown(classes)}")
+    if len(classes) != model.num_classes:
+        raise bad("classes", f"names {len(classes)} classes; the model has {model.num_classes} outputs")
+    if len(set(classes)) != len(classes):
+        raise bad("classes", "names a class twice")
+    if d.get("whitening") not in (None, WHITENING_FILE):
+        raise bad("whitening", f"must be {WHITENING_FILE!r} or null, got {_shown(d.get('whitening'))}")
+    return dataset, size, mean, std, list(classes)
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict, str, int, float, bool, type(None))) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def load_trained(checkpoint: str | os.PathLike, device: str = "auto") -> Trained:
     """Rebuild the model saved in a checkpoint (or a run's latest one) on ``device``, in eval mode."""
     path = ckpt.resolve(checkpoint)
@@ -522,11 +647,13 @@ def load_trained(checkpoint: str | os.PathLike, device: str = "auto") -> Trained
     where = path / "meta.json"
     try:
         m, d = meta["model"], meta["data"]
-        name, options = m["name"], dict(m.get("options", {}))
-        info = (d["dataset"], tuple(d["size"]), tuple(d["mean"]), tuple(d["std"]), list(d["classes"]))
+        if not isinstance(m, dict) or not isinstance(d, dict):
+            raise TypeError("'model' and 'data' must be tables")
+        name, options = m["name"], m.get("options", {})
+        if not isinstance(name, str) or not isinstance(options, dict):
+            raise TypeError("'model': a name and a table of options")
         config = RunConfig.from_dict(meta.get("config") or {"data": {"dataset": d["dataset"]}})
-        if not isinstance(d.get("whitening"), (str, type(None))):
-            raise TypeError("'whitening'")
+        config.validate()
     except (KeyError, TypeError, ValueError) as e:
         raise ckpt.CheckpointError(f"{where}: missing or malformed field {e}") from None
     except NinError as e:  # (its message may quote the file's text, newlines too)
@@ -537,6 +664,7 @@ def load_trained(checkpoint: str | os.PathLike, device: str = "auto") -> Trained
     except (NinError, TypeError, ValueError, RuntimeError) as e:
         why = " ".join(str(e).split())
         raise ckpt.CheckpointError(f"{where}: cannot build the model it describes ({why})") from None
+    info = _pipeline_meta(d, declared, where)  # the input pipeline it describes must be this model's
     need = sum(t.numel() * t.element_size() for t in declared.state_dict().values())
     if need > (have := (path / "model.safetensors").stat().st_size):
         raise ckpt.CheckpointError(f"{path / 'model.safetensors'}: {have} bytes, too few for the {need} bytes of "
@@ -549,7 +677,7 @@ def load_trained(checkpoint: str | os.PathLike, device: str = "auto") -> Trained
         from nin.whiten import Whitening
 
         try:
-            whitening = Whitening.load(path.parent.parent / d["whitening"]).to(dev)
+            whitening = Whitening.load(path.parent.parent / WHITENING_FILE).to(dev)
         except NinError as e:
             raise ckpt.CheckpointError(f"{where}: {' '.join(str(e).split())}") from None
     return Trained(model.to(dev).eval(), path, name, *info, config, whitening)

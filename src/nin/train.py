@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from nin import distributed
+from nin.bounds import bounded, check_ranges
 from nin.errors import NinError
 from nin.inference import fold_batchnorm, has_batchnorm
 from nin.loader import DeviceLoader
@@ -42,17 +43,18 @@ from nin.loader import DeviceLoader
 class TrainConfig:
     """Optimization settings. Defaults are the fast CPU recipe for ``nin28``."""
 
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 0.2
-    momentum: float = 0.9
+    epochs: int = bounded(3, 1, 10**6)
+    batch_size: int = bounded(128, 1, 2**20)
+    lr: float = bounded(0.2, 0, lo_open=True)  # peak learning rate: any above 0 (diverging is one of the exercises)
+    momentum: float = bounded(0.9, 0, 1, hi_open=True)
     nesterov: bool = True
-    weight_decay: float = 5e-4
+    weight_decay: float = bounded(5e-4, 0, 1)
     schedule: Literal["constant", "cosine", "onecycle", "step"] = "onecycle"
-    warmup: float = 0.2  # fraction of all steps spent warming up (cosine, onecycle, step)
-    milestones: tuple[float, ...] = (0.5, 0.75)  # step: fractions of all steps where the lr is multiplied by gamma
-    gamma: float = 0.1
-    label_smoothing: float = 0.1
+    warmup: float = bounded(0.2, 0, 1, hi_open=True)  # fraction of all steps spent warming up (cosine, onecycle, step)
+    # step: fractions of all steps where the lr is multiplied by gamma
+    milestones: tuple[float, ...] = bounded((0.5, 0.75), 0, 1, lo_open=True, hi_open=True)
+    gamma: float = bounded(0.1, 0, 1, lo_open=True)
+    label_smoothing: float = bounded(0.1, 0, 1, hi_open=True)
     # Speed. "auto"/None pick per device (see resolved() and amp_choice()): on CUDA, bf16 where the GPU has
     # it natively (compute capability 8.0+), else fp16 with a gradient scaler, plus channels_last and compile;
     # on a CPU, bf16 only where oneDNN runs it natively, channels_last always, no compile.
@@ -61,14 +63,15 @@ class TrainConfig:
     compile: bool | None = None
     fused: bool = True  # fused SGD step (one kernel for all parameters); False: the per-parameter loop
     fold_bn: bool = True  # evaluate with BatchNorm folded into the convolutions
-    max_steps: int | None = None  # stop early (smoke runs); the schedule still spans all epochs
-    eval_batch_size: int = 1000
-    check_every: int | None = None  # steps between loss finiteness checks; None: 1 on CPU, 50 on GPU (each syncs)
+    max_steps: int | None = bounded(None, 1, 10**12)  # stop early (smoke runs); the schedule still spans all epochs
+    eval_batch_size: int = bounded(1000, 1, 2**20)
+    # steps between loss finiteness checks; None: 1 on CPU, 50 on GPU (each syncs)
+    check_every: int | None = bounded(None, 1, 10**6)
     # A non-finite loss: "stop" raises Diverged; "rollback" restores the state at the start of the epoch,
     # multiplies the learning rate by rollback_factor from then on, and redoes the epoch (at most max_rollbacks).
     on_diverge: Literal["stop", "rollback"] = "stop"
-    rollback_factor: float = 0.5
-    max_rollbacks: int = 3
+    rollback_factor: float = bounded(0.5, 0, 1, lo_open=True, hi_open=True)
+    max_rollbacks: int = bounded(3, 1, 100)
     # Distributed runs only: BatchNorm statistics over the global batch (SyncBatchNorm) rather than each
     # process's slice. None: on for GPUs; PyTorch's SyncBatchNorm does not run on CPUs.
     sync_bn: bool | None = None
@@ -77,40 +80,17 @@ class TrainConfig:
         def bad(msg: str) -> None:
             raise NinError(msg)
 
-        if self.epochs < 1:
-            bad(f"epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            bad(f"batch sizes must be at least 1, got {self.batch_size} and {self.eval_batch_size}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            bad(f"learning rate must be a positive number, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            bad(f"momentum must be in [0, 1), got {self.momentum}")
+        check_ranges(self)  # every numeric setting against the range declared with it
         if self.nesterov and self.momentum == 0:
             bad("nesterov needs a non-zero momentum")
-        if self.weight_decay < 0:
-            bad(f"weight decay must be >= 0, got {self.weight_decay}")
         if self.schedule not in ("constant", "cosine", "onecycle", "step"):
             bad(f"unknown schedule {self.schedule!r}; choose constant, cosine, onecycle or step")
-        if not all(0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+        if list(self.milestones) != sorted(self.milestones):
             bad(f"milestones must be increasing fractions of the run in (0, 1), got {list(self.milestones)}")
-        if not 0 < self.gamma <= 1:
-            bad(f"gamma must be in (0, 1], got {self.gamma}")
-        if not 0 <= self.warmup < 1:
-            bad(f"warmup must be a fraction in [0, 1), got {self.warmup}")
-        if not 0 <= self.label_smoothing < 1:
-            bad(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.amp not in AMP_MODES:
             bad(f"unknown amp mode {self.amp!r}; choose {', '.join(AMP_MODES)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            bad(f"max steps must be at least 1, got {self.max_steps}")
-        if self.check_every is not None and self.check_every < 1:
-            bad(f"check_every must be at least 1, got {self.check_every}")
         if self.on_diverge not in ("stop", "rollback"):
             bad(f"unknown on_diverge {self.on_diverge!r}; choose stop or rollback")
-        if not 0 < self.rollback_factor < 1:
-            bad(f"rollback factor must be in (0, 1), got {self.rollback_factor}")
-        if self.max_rollbacks < 1:
-            bad(f"max rollbacks must be at least 1, got {self.max_rollbacks}")
 
     def resolved(self, device: torch.device) -> TrainConfig:
         """A copy with the automatic speed settings made concrete for ``device``."""

@@ -55,6 +55,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nin.errors import NinError
+from nin.files import check_regular
 
 MAX_FEATURES = 8192  # the D x D float64 covariance is 512 MiB there; eigh costs O(D^3)
 GCN_EPS = 1e-8  # the GCN constants applied at fit and batch time alike
@@ -160,6 +161,7 @@ class Whitening:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Whitening:
         """Read a file written by :meth:`save`; any problem is a one-line :class:`NinError` naming the file."""
+        check_regular(path, error=NinError)  # a FIFO or a device would block or never end
         try:
             return cls.from_state_dict(load_file(os.fspath(path)))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
