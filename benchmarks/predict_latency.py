@@ -32,9 +32,10 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    from nin.inference import fold_batchnorm
-    from nin.predict import predict_files
-    from nin.run import configure_runtime, load_trained
+    from nin.inference.predict import predict_files
+    from nin.inference.trained import load_trained
+    from nin.models.fold import fold_batchnorm
+    from nin.training.runtime import configure_runtime
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint")

@@ -3,7 +3,7 @@
     python benchmarks/render_performance.py            # write docs/performance.md
     python benchmarks/render_performance.py --check    # exit 1 if the file is not what the records give
 
-Each record is one ``nin bench --record`` run (see ``nin.records``) and names its machine by
+Each record is one ``nin bench --record`` run (see ``nin.analysis.records``) and names its machine by
 ``nin doctor``'s fingerprint. The page has one section per machine kind, with that kind's latest
 record of each sort: ``nin_d2l`` at 224 against the seed's way, the speed switches of ``nin28``, and
 time to accuracy of the default recipe. Every ceiling is the record's own matmul peak divided by
@@ -22,7 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from nin.records import load_records  # noqa: E402
+from nin.analysis.records import load_records  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "performance.md"
@@ -176,9 +176,9 @@ How to read the tables:
 - **Train img/s** goes through the real trainer and loader: uint8 images on the device, resized,
   augmented and normalized per batch there, fused SGD step. **Inference** is eval mode without
   autograd, BatchNorm folded. **Batch-1 latency** is one uint8 image to a class index on the host.
-- **The seed's way** (`nin.baseline`) is the chapter's code path: a plain `nn.Sequential`, fp32 in
+- **The seed's way** (`nin.analysis.seed_way`) is the chapter's code path: a plain `nn.Sequential`, fp32 in
   NCHW, a PIL resize of each image in a `DataLoader` with 4 workers, metrics read back every batch.
-- **MFU** (model FLOPs utilization) is the model's FLOP/s (`nin.profile.count_flops`: a
+- **MFU** (model FLOPs utilization) is the model's FLOP/s (`nin.analysis.profile.count_flops`: a
   `nin_d2l` training step is 4.506 GFLOP per image, a forward pass 1.525) over the peak of a
   square matmul measured in the same process in the case's dtype. A ceiling is that peak over the
   FLOPs per image: no implementation trains faster on that machine.

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from nin.doctor import fingerprint
-from nin.profile import ModelProfile
-from nin.registry import list_models
-from nin.report import mib, pct, render, render_compare, si
+from nin.analysis.doctor import fingerprint
+from nin.analysis.profile import ModelProfile
+from nin.analysis.report import mib, pct, render, render_compare, si
+from nin.models.registry import list_models
 
 EPOCH = 60_000  # Fashion-MNIST training images
 

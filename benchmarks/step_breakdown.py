@@ -16,7 +16,7 @@ Per-process switches (``--no-keep-memory``, environment variables such as ``OMP_
 by alternating processes: ``for i in 1 2 3; do python3 ... --mode steps --no-keep-memory; python3 ...
 --mode steps; done``.
 
-Every mode builds the step exactly as ``nin bench`` does (``nin.bench.fast_case``): the real Trainer and
+Every mode builds the step exactly as ``nin bench`` does (``nin.analysis.bench.fast_case``): the real Trainer and
 DeviceLoader on real Fashion-MNIST (uint8 on the device, resized 28 -> 224 per batch), batch 128, bf16
 autocast, channels_last, fused SGD. ``--before`` turns off the allocator fix (``NIN_KEEP_FREED_MEMORY=0``,
 which must act before the first step, so it is per process) and the fused blocks (``nin.models``' switches).
@@ -55,7 +55,7 @@ RULES: list[tuple[str, tuple[str, ...]]] = [
     ("dropout backward", ("autograd::engine::evaluate_function: NativeDropoutBackward0",
                           "autograd::engine::evaluate_function: MulBackward0")),
     ("space-to-depth (first conv)", ("nin.s2d",)),
-    ("loader: gather, uint8->float, resize, normalize", ("nin.loader",)),
+    ("loader: gather, uint8->float, resize, normalize", ("nin.data.loader",)),
     ("loss (log-softmax, NLL) fwd+bwd", ("nin.loss", "autograd::engine::evaluate_function: NllLossBackward0",
                                          "autograd::engine::evaluate_function: LogSoftmaxBackward0")),
     ("autocast casts fp32->bf16 (weights, input)", ("aten::to", "aten::_to_copy")),
@@ -71,10 +71,11 @@ CATEGORY = {name: cat for cat, names in RULES for name in names}
 
 
 def build(args):
-    from nin.data import load_split
-    from nin.loader import DeviceLoader
+    from nin.data.idx import load_split
+    from nin.data.loader import DeviceLoader
     from nin.models import create_model, init_weights
-    from nin.train import TrainConfig, Trainer
+    from nin.training.config import TrainConfig
+    from nin.training.trainer import Trainer
 
     xtr, ytr = load_split("fashion-mnist", "train", None, False)
     torch.manual_seed(0)
@@ -87,14 +88,14 @@ def build(args):
 
 
 def set_switches(fused: bool, s2d: bool) -> None:
-    import nin.models as M
+    import nin.models.nin as M
 
     M.FUSED_CPU_BLOCKS, M.SPACE_TO_DEPTH_FIRST_CONV = fused, s2d
 
 
 def run_steps(trainer, n: int) -> list[float]:
     """Train ``n`` more steps; the seconds of each (the first includes entering fit)."""
-    from nin.train import Callback
+    from nin.training.callbacks.base import Callback
 
     times: list[float] = []
 
@@ -113,8 +114,8 @@ def instrument(trainer) -> None:
     """Name the project's own stages for the profiler (record_function ranges around them)."""
     from torch.profiler import record_function
 
-    import nin.models as M
-    import nin.train as T
+    import nin.models.nin as M
+    import nin.training.trainer as T
 
     def wrap(fn, name):
         def inner(*a, **k):
@@ -122,7 +123,7 @@ def instrument(trainer) -> None:
                 return fn(*a, **k)
         return inner
 
-    trainer.train_loader.transform = wrap(trainer.train_loader.transform, "nin.loader")
+    trainer.train_loader.transform = wrap(trainer.train_loader.transform, "nin.data.loader")
     trainer.criterion.forward = wrap(trainer.criterion.forward, "nin.loss")
     T._Running.add = wrap(T._Running.add, "nin.running")
     trainer._check = wrap(trainer._check, "nin.check")
@@ -133,7 +134,7 @@ def instrument(trainer) -> None:
     def iterate(start=0):
         gen = it(start)
         while True:
-            with record_function("nin.loader"):
+            with record_function("nin.data.loader"):
                 try:
                     item = next(gen)
                 except StopIteration:
@@ -182,9 +183,9 @@ def categorize(events) -> dict[str, float]:
 def mode_profile(args) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    from nin.bench import matmul_peak
+    from nin.analysis.bench import matmul_peak
+    from nin.analysis.profile import count_flops
     from nin.models import create_model
-    from nin.profile import count_flops
 
     trainer = build(args)
     run_steps(trainer, args.warmup)
@@ -268,8 +269,8 @@ def _verbose_lines(fn) -> list[str]:
 
 
 def _one_eval_batch(trainer) -> None:
-    from nin.loader import DeviceLoader
-    from nin.train import evaluate
+    from nin.data.loader import DeviceLoader
+    from nin.training.trainer import evaluate
 
     tl = trainer.train_loader
     b = tl.batch_size
@@ -346,11 +347,11 @@ def _seconds(fn) -> float:
 
 
 def mode_peak(args) -> None:
-    """The bench's probe (nin.bench.matmul_peak) against longer probes and the model's own convolutions."""
+    """The bench's probe (nin.analysis.bench.matmul_peak) against longer probes and the model's own convolutions."""
     import torch.nn.functional as F
 
-    from nin.bench import matmul_peak
-    from nin.train import _FreedMemoryKept
+    from nin.analysis.bench import matmul_peak
+    from nin.training.trainer import _FreedMemoryKept
 
     probes = [matmul_peak(torch.device("cpu"), torch.bfloat16) for _ in range(args.rounds)]
     cases = {}
@@ -390,7 +391,7 @@ def mode_peak(args) -> None:
     dst.copy_(src)
     best = min(_seconds(lambda: dst.copy_(src)) for _ in range(5))
     print(f"memory: a 1 GiB bf16 copy moves {2 * 2**30 / best / 1e9:.1f} GB/s (read + write, best of 5)")
-    print(f"nin.bench.matmul_peak (bf16), {args.rounds} calls: " + ", ".join(f"{p / 1e9:,.0f}" for p in probes)
+    print(f"nin.analysis.bench.matmul_peak (bf16), {args.rounds} calls: " + ", ".join(f"{p / 1e9:,.0f}" for p in probes)
           + " GFLOP/s")
     print(f"{'product':<36}{'best':>9}{'median':>9}  GFLOP/s over {args.rounds} interleaved runs")
     for k, v in rates.items():
@@ -398,11 +399,11 @@ def mode_peak(args) -> None:
 
 
 def mode_seed(args) -> None:
-    """The seed's way alone in a fresh process (nin.bench.baseline_case, as ``nin bench --baseline`` runs it,
+    """The seed's way alone in a fresh process (nin.analysis.bench.baseline_case, as ``nin bench --baseline`` runs it,
     but with no fast case before it in the process): is the bench's figure for it affected by what ran first?"""
-    from nin.bench import BenchConfig, baseline_case, bench_data, matmul_peak
+    from nin.analysis.bench import BenchConfig, baseline_case, bench_data, matmul_peak
+    from nin.analysis.profile import count_flops
     from nin.models import create_model
-    from nin.profile import count_flops
 
     cfg = BenchConfig(steps=args.steps, repeats=args.rounds)
     device = torch.device("cpu")
@@ -419,7 +420,7 @@ def mode_steps(args) -> None:
     system time over them (resource.getrusage)."""
     import resource
 
-    from nin.train import Callback
+    from nin.training.callbacks.base import Callback
 
     trainer = build(args)
     run_steps(trainer, args.warmup)
@@ -446,10 +447,10 @@ def mode_steps(args) -> None:
 
 def mode_infer(args) -> None:
     """evaluate() over 10 batches of 128 test images (bf16 autocast, eval mode), median of ``--rounds``."""
-    from nin.data import load_split
-    from nin.loader import DeviceLoader
+    from nin.data.idx import load_split
+    from nin.data.loader import DeviceLoader
     from nin.models import create_model, init_weights
-    from nin.train import evaluate
+    from nin.training.trainer import evaluate
 
     xte, yte = load_split("fashion-mnist", "test", None, False)
     m = init_weights(create_model("nin_d2l"), "xavier").to(memory_format=torch.channels_last).eval()
@@ -497,8 +498,8 @@ def mode_micro(args) -> None:
     Times are medians of ``--rounds``; ratios are medians of per-round ratios (>1: the alternative is faster)."""
     import torch.nn.functional as F
 
-    import nin.models as M
-    from nin.train import _FreedMemoryKept
+    import nin.models.nin as M
+    from nin.training.trainer import _FreedMemoryKept
 
     torch.manual_seed(0)
     cl = torch.channels_last
@@ -618,9 +619,10 @@ def mode_check(args) -> None:
     # exact resume on the fused path: 12 bf16 steps straight vs 5 steps, state saved and loaded, 7 more
     import copy
 
-    from nin.data import load_split
-    from nin.loader import DeviceLoader
-    from nin.train import TrainConfig, Trainer
+    from nin.data.idx import load_split
+    from nin.data.loader import DeviceLoader
+    from nin.training.config import TrainConfig
+    from nin.training.trainer import Trainer
 
     xtr, ytr = load_split("fashion-mnist", "train", None, False)
 

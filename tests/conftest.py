@@ -15,8 +15,8 @@ import os
 import pytest
 import torch
 
-from nin.data import DataError, find_files
-from nin.train import AMP_ENV, amp_choice
+from nin.data.idx import DataError, find_files
+from nin.training.precision import AMP_ENV, amp_choice
 
 PRECISIONS = ("auto", "none", "bf16", "fp16")
 
@@ -129,7 +129,8 @@ def make_cifar_archive(path, spec, counts: dict[str, int], seed: int = 0, *, ext
 def tiny_run(tmp_path_factory, fashion_mnist):
     """A run directory of the default recipe trained briefly on real Fashion-MNIST (nin28, with BatchNorm):
     a checkpoint for the commands that use a trained model. Trained once per test session."""
-    from nin.run import preset, train
+    from nin.training.config import preset
+    from nin.training.run import train
 
     cfg = preset("default")
     cfg.data.subset, cfg.data.test_subset = 2048, 256

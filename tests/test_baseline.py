@@ -1,4 +1,4 @@
-"""Tests for nin.baseline: the seed's network, per-image PIL data path and step-by-step training/inference."""
+"""Tests for nin.analysis.seed_way: the seed's network, per-image PIL data path and step-by-step training/inference."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from nin.baseline import ResizedImages, SeedWay, seed_loader, seed_net
+from nin.analysis.seed_way import ResizedImages, SeedWay, seed_loader, seed_net
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from nin.bench import (
+from nin.analysis.bench import (
     SWITCHES,
     BenchConfig,
     _flipped,
@@ -19,9 +19,9 @@ from nin.bench import (
     run_bench,
     time_to_accuracy,
 )
-from nin.cli import main
+from nin.cli.main import main
 from nin.errors import NinError
-from nin.run import preset
+from nin.training.config import preset
 
 CPU = torch.device("cpu")
 TINY = dict(warmup=1, steps=1, repeats=2, latency_runs=2, data="synthetic")
@@ -149,7 +149,7 @@ def test_cli_bench_bad_input_is_one_line(capsys, argv, match):
 
 
 def test_runtime_set_up_caps_threads_at_the_usable_cores(monkeypatch):
-    from nin.run import configure_runtime
+    from nin.training.runtime import configure_runtime
 
     before = torch.get_num_threads()
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from nin.cam import check_cam_model, class_maps, upsample
-from nin.cli import main
+from nin.cli.main import main
 from nin.errors import NinError
+from nin.inference.cam import check_cam_model, class_maps, upsample
 from nin.models import create_model, init_weights, list_models
 
 

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from nin import checkpoint as ckpt
-from nin.checkpoint import CheckpointError
 from nin.models import create_model
+from nin.training import checkpoint as ckpt
+from nin.training.checkpoint import CheckpointError
 
 
 def trained_like(name="nin28", **kw):
@@ -194,7 +194,7 @@ def test_loading_a_trained_run_unpickles_nothing(tiny_run, monkeypatch):
     """Weights and state come from safetensors and JSON only: with every unpickler disabled, a run still loads."""
     import pickle
 
-    from nin.run import load_trained
+    from nin.inference.trained import load_trained
 
     def refuse(*args, **kwargs):
         raise AssertionError("something tried to unpickle")

@@ -16,10 +16,10 @@ import pytest
 import torch
 from conftest import make_cifar_archive
 
-from nin import cifar
-from nin.cifar import CIFAR10, CIFAR100, load, unpickle_batch
-from nin.cli import main
-from nin.data import DataError
+from nin.cli.main import main
+from nin.data import cifar
+from nin.data.cifar import CIFAR10, CIFAR100, load, unpickle_batch
+from nin.data.idx import DataError
 
 
 @pytest.fixture(autouse=True)
@@ -178,7 +178,7 @@ def test_download_is_verified_before_it_is_kept(tmp_path, c10):
 
 
 def test_preset_nin_cifar10_is_the_papers_recipe_and_trains_on_a_cifar_archive(capsys, tmp_path, c10):
-    from nin.run import preset
+    from nin.training.config import preset
 
     cfg = preset("nin-cifar10")
     d = cfg.data

@@ -1,4 +1,4 @@
-"""Tests for nin.classic: the LeNet, AlexNet and VGG-11 baselines the seed compares NiN with."""
+"""Tests for nin.models.classic: the LeNet, AlexNet and VGG-11 baselines the seed compares NiN with."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from nin.classic import Conv, ConvNet, Dense
 from nin.errors import NinError
-from nin.models import CLASSES, Pool, create_model, list_models
+from nin.models import create_model, list_models
+from nin.models.classic import Conv, ConvNet, Dense
+from nin.models.specs import CLASSES, Pool
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,7 +72,9 @@ def test_a_spec_builds_with_the_flatten_size_worked_out_in_advance():
 
 
 def test_lenet_trains_like_any_model_and_learns(tmp_path, fashion_mnist):
-    from nin.run import load_trained, preset, train
+    from nin.inference.trained import load_trained
+    from nin.training.config import preset
+    from nin.training.run import train
 
     cfg = preset("default")
     cfg.model.name, cfg.model.options = "lenet", {}
@@ -84,7 +87,9 @@ def test_lenet_trains_like_any_model_and_learns(tmp_path, fashion_mnist):
 
 
 def test_a_resized_classic_model_is_built_for_the_new_size_and_reloads(tmp_path, fashion_mnist):
-    from nin.run import load_trained, preset, train
+    from nin.inference.trained import load_trained
+    from nin.training.config import preset
+    from nin.training.run import train
 
     cfg = preset("default")
     cfg.model.name, cfg.model.options = "lenet", {}

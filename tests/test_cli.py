@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from nin.cli import main
-from nin.run import preset
+from nin.cli.main import main
+from nin.training.config import preset
 
 SEED_TABLE = [
     ("block1", "Sequential", "96x54x54"), ("pool1", "MaxPool2d", "96x26x26"),

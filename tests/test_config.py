@@ -7,10 +7,9 @@ import json
 
 import pytest
 
-from nin.cli import main
-from nin.config import load_config, read_config_file
+from nin.cli.main import main
 from nin.errors import NinError
-from nin.run import RunConfig, preset
+from nin.training.config import RunConfig, load_config, preset, read_config_file
 
 TOML = """
 preset = "d2l"

@@ -16,9 +16,11 @@ import pytest
 import torch
 from conftest import TOLERANCE
 
-from nin.cli import main
-from nin.run import preset, train
-from nin.train import Callback, amp_choice
+from nin.cli.main import main
+from nin.training.callbacks.base import Callback
+from nin.training.config import preset
+from nin.training.precision import amp_choice
+from nin.training.run import train
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU (these run in benchmarks/gpu.sh)")]

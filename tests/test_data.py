@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from nin import data
-from nin.data import DataError, IdxDataset
+from nin.data import idx as data
+from nin.data.idx import DataError, IdxDataset
 
 REAL_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = types.MappingProxyType({

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nin.cli import main
-from nin.train import TrainConfig, lr_at
+from nin.cli.main import main
+from nin.training.config import TrainConfig
+from nin.training.trainer import lr_at
 
 
 @pytest.fixture(autouse=True)
@@ -105,7 +106,8 @@ def test_step_schedule_divides_the_lr_at_each_milestone_after_warm_up():
 def test_holdout_validates_on_training_images_the_same_for_every_seed(tmp_path):
     import numpy as np
 
-    from nin.run import RunConfig, build
+    from nin.training.config import RunConfig
+    from nin.training.run import build
 
     rng = np.random.default_rng(0)
     root = tmp_path / "imgs"

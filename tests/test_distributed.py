@@ -16,10 +16,10 @@ import torch
 from conftest import TOLERANCE
 from safetensors.torch import load_file
 
-from nin import checkpoint as ckpt
-from nin import distributed
-from nin.cli import main
+from nin.cli.main import main
 from nin.errors import NinError
+from nin.training import checkpoint as ckpt
+from nin.training import distributed
 
 # 256 images, a global batch of 64: 4 steps per epoch, 2 epochs. No BatchNorm and no dropout: with them,
 # 2 processes of 32 images are not the same computation as 1 of 64 (per-process batch statistics and masks).
@@ -153,7 +153,7 @@ def test_an_error_on_the_main_process_stops_every_process_with_one_line(runs):
 LEAVE = '''
 import os, threading, time, weakref
 import torch, torch.distributed as dist
-from nin import distributed
+from nin.training import distributed
 
 released = threading.Event()
 

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nin import bench, doctor
-from nin.cli import main
+from nin.analysis import bench, doctor
+from nin.cli.main import main
 
 BASE = ("fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht "
         "syscall nx mmxext fxsr_opt pdpe1gb rdtscp lm constant_tsc rep_good nopl cpuid pni pclmulqdq ssse3 fma cx16 "
@@ -46,13 +46,14 @@ def no_forced_amp(monkeypatch):
 @pytest.fixture
 def stub_datasets(monkeypatch):
     """Skip the data sets' checksums (a second each) where the test is about something else."""
-    import nin.datasets
+    import nin.data
 
-    monkeypatch.setattr(nin.datasets, "status", lambda data_dir=None: [dict(r) for r in DATASET_ROWS])
+    monkeypatch.setattr(nin.data, "status", lambda data_dir=None: [dict(r) for r in DATASET_ROWS])
 
 
 def mock_gpu(monkeypatch, name: str, capability: tuple[int, int], memory_gib: int = 16, sms: int = 40):
-    """One CUDA GPU as torch.cuda reports it (nin.train.amp_choice and nin.doctor read these calls)."""
+    """One CUDA GPU as torch.cuda reports it (nin.training.precision.amp_choice and nin.analysis.doctor read these
+    calls)."""
     props = SimpleNamespace(name=name, total_memory=memory_gib * 2**30, multi_processor_count=sms,
                             major=capability[0], minor=capability[1])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -210,27 +211,27 @@ def test_nin_amp_shows_in_the_defaults(monkeypatch, capsys, stub_datasets):
 
 
 def test_threads_are_what_configure_runtime_would_set(monkeypatch, capsys, stub_datasets):
-    import nin.run
+    import nin.training.runtime
 
-    monkeypatch.setattr(nin.run, "usable_cpus", lambda: 1)
+    monkeypatch.setattr(nin.training.runtime, "usable_cpus", lambda: 1)
     report = run_json(capsys, "--no-measure", "--device", "cpu")
     assert report["machine"]["usable_cpus"] == 1 and report["machine"]["threads"] == 1
-    assert report["defaults"]["threads"]["value"] == 1 and nin.run.compute_threads() == 1
-    assert nin.run.compute_threads(3) == 3
+    assert report["defaults"]["threads"]["value"] == 1 and nin.training.runtime.compute_threads() == 1
+    assert nin.training.runtime.compute_threads(3) == 3
 
 
 def test_datasets_section_is_what_nin_datasets_reports():
-    from nin.datasets import status
+    from nin.data import status
 
     assert doctor.collect("cpu", measure=False)["datasets"] == status(None)
 
 
 def test_measurements_are_positive_and_quick(monkeypatch, capsys, stub_datasets):
     """On nin's compute threads (one here, where this process may run on one CPU), and torch's are put back."""
-    import nin.run
+    import nin.training.runtime
 
     monkeypatch.setattr(doctor, "MEASURE_SECONDS", 1.0)
-    monkeypatch.setattr(nin.run, "usable_cpus", lambda: 1)
+    monkeypatch.setattr(nin.training.runtime, "usable_cpus", lambda: 1)
     before = torch.get_num_threads()
     t0 = time.perf_counter()
     m = run_json(capsys, "--device", "cpu")["measurements"]

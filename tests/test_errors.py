@@ -22,9 +22,10 @@ import torch
 from conftest import make_cifar_archive, synthetic_images
 from PIL import Image
 
-from nin import cifar, data, folder
 from nin.atomic import WriteError
-from nin.cli import main
+from nin.cli.main import main
+from nin.data import cifar, folder
+from nin.data import idx as data
 from nin.errors import NinError
 
 # ---------------------------------------------------------------------- helpers
@@ -438,7 +439,7 @@ def test_evaluate_replaces_both_of_its_files_or_neither(capsys, monkeypatch, tra
 
 def fake_study(out: Path) -> None:
     """Recorded runs of study lr (one seed each) in ``out``, as a finished study leaves them."""
-    from nin.study import STUDIES, StudyConfig, variant_config
+    from nin.experiments.study import STUDIES, StudyConfig, variant_config
 
     study = STUDIES["lr"]
     lines = []
@@ -476,7 +477,7 @@ def test_a_full_disk_while_reporting_a_study_keeps_the_old_report(capsys, monkey
 
 
 def test_a_full_disk_while_recording_a_studys_run_keeps_whole_lines(monkeypatch, tmp_path):
-    from nin.study import _append, load_records
+    from nin.experiments.study import _append, load_records
 
     path = tmp_path / "results.jsonl"
     path.write_text('{"seed": 0}\n{"seed": 1, "torn')  # a line torn by an earlier crash
@@ -532,7 +533,7 @@ def test_a_bad_flag_in_a_real_terminal_is_one_line(tmp_path):
 
 
 def test_an_unexpected_os_error_is_one_line_with_exit_status_1(capsys, monkeypatch):
-    from nin import cli
+    from nin.cli import main as cli
 
     def read_only(args):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), "/runs/x/metrics.csv")
@@ -544,7 +545,7 @@ def test_an_unexpected_os_error_is_one_line_with_exit_status_1(capsys, monkeypat
 
 
 def test_running_out_of_memory_is_one_line_with_exit_status_1(capsys, monkeypatch):
-    from nin import registry
+    from nin.models import registry
 
     def huge(**kw):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
@@ -558,7 +559,7 @@ def test_running_out_of_memory_is_one_line_with_exit_status_1(capsys, monkeypatc
 
 @pytest.mark.parametrize("bug", [ValueError("a bug"), RuntimeError("a bug"), KeyError("a bug")])
 def test_a_programming_error_keeps_its_traceback(monkeypatch, bug):
-    from nin import cli
+    from nin.cli import main as cli
 
     def broken(args):
         raise bug
@@ -699,7 +700,7 @@ def test_a_changed_idx_file_is_one_line_not_old_data(capsys, idx_copy, tmp_path)
 def test_an_unknown_model_name_of_another_type_is_a_nin_error():
     # a name read from a file may be any JSON value (found by tests/test_fuzz.py's meta.json edits)
     from nin.errors import NinError
-    from nin.registry import MODELS
+    from nin.models.registry import MODELS
 
     with pytest.raises(NinError, match="unknown model 5"):
         MODELS.get(5)

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from nin.cli import main
-from nin.export import sample_inputs
-from nin.run import load_trained
+from nin.cli.main import main
+from nin.inference.export import sample_inputs
+from nin.inference.trained import load_trained
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Tests for nin.folder: image-folder data sets decoded with Pillow and cached."""
+"""Tests for nin.data.folder: image-folder data sets decoded with Pillow and cached."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nin import folder
-from nin.data import DataError
-from nin.folder import FolderSplit, load_image_folder, split_folder
+from nin.data import folder
+from nin.data.folder import FolderSplit, load_image_folder, split_folder
+from nin.data.idx import DataError
 
 RED = (255, 0, 0)
 

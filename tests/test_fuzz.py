@@ -1,27 +1,25 @@
 """Fuzzing the file readers: whatever the bytes, a reader returns valid data or raises its documented error.
 
-Readers covered: IDX files (``nin.data``), CIFAR batch pickles, archives and the decoded cache
-(``nin.cifar``), single images, image folders and their cache (``nin.folder``), and checkpoints
-(``nin.checkpoint`` and ``nin.run.load_trained``). The documented error is :class:`nin.data.DataError`
-for data files and :class:`nin.checkpoint.CheckpointError` for checkpoints, with a one-line message
-naming the file; a single image may raise only what :data:`nin.folder.DECODE_ERRORS` lists, which
-the folder loader turns into a ``DataError`` or a skipped file. A cache is never fatal: a corrupt
-one is ignored and written again. Any other exception is a bug. When a read succeeds, its result
-must keep the reader's promises (dtype, shapes that agree with the header, labels in range, weights
-equal to the file's).
+Readers covered: IDX files (``nin.data.idx``), CIFAR batch pickles, archives and the decoded cache
+(``nin.data.cifar``), single images, image folders and their cache (``nin.data.folder``), and checkpoints
+(``nin.training.checkpoint`` and ``nin.inference.trained.load_trained``). The documented error is
+:class:`nin.data.DataError` for data files and :class:`nin.training.checkpoint.CheckpointError` for
+checkpoints, with a one-line message naming the file; a single image may raise only what
+:data:`nin.data.folder.DECODE_ERRORS` lists, which the folder loader turns into a ``DataError`` or a skipped
+file. A cache is never fatal: a corrupt one is ignored and written again. Any other exception is a bug. When a
+read succeeds, its result must keep the reader's promises (dtype, shapes that agree with the header, labels in
+range, weights equal to the file's).
 
-Random bytes rarely get past a reader's first check, so every reader is also fed *edits of a valid
-file*. An edit is plain data (a tuple), so a failing case prints readably and can be pinned with
-``@example``: byte edits (truncate, flip a bit, overwrite, insert, delete) anywhere or near either
-end, header fields set to edge values, gzip around garbage, and edits inside the structure where the
-format has one (JSON values, safetensors headers and tensor bytes, tar header fields with a correct
-checksum, the contents of CIFAR batches).
+Random bytes rarely get past a reader's first check, so every reader is also fed *edits of a valid file*. An
+edit is plain data (a tuple), so a failing case prints readably and can be pinned with ``@example``: byte
+edits (truncate, flip a bit, overwrite, insert, delete) anywhere or near either end, header fields set to edge
+values, gzip around garbage, and edits inside the structure where the format has one (JSON values, safetensors
+headers and tensor bytes, tar header fields with a correct checksum, the contents of CIFAR batches).
 
-Hypothesis runs derandomized (the same examples on every run, as CI needs) with few examples per
-test, so the whole file takes about half a minute; ``NIN_FUZZ_SCALE=N`` multiplies the examples for a
-long session, and ``--hypothesis-show-statistics`` shows how far the inputs got. Each ``@example``
-marked "was ..." is a bug that fuzzing found.
-"""
+Hypothesis runs derandomized (the same examples on every run, as CI needs) with few examples per test, so the
+whole file takes about half a minute; ``NIN_FUZZ_SCALE=N`` multiplies the examples for a long session, and
+``--hypothesis-show-statistics`` shows how far the inputs got. Each ``@example`` marked "was ..." is a bug
+that fuzzing found."""
 
 from __future__ import annotations
 
@@ -51,13 +49,14 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file
 
-from nin import checkpoint as ckpt
-from nin import cifar, folder
-from nin.checkpoint import CheckpointError
-from nin.data import DataError, IdxDataset, parse_idx, read_idx
-from nin.data import load as load_idx_split
+from nin.data import cifar, folder
+from nin.data.idx import DataError, IdxDataset, parse_idx, read_idx
+from nin.data.idx import load as load_idx_split
+from nin.inference.trained import load_trained
 from nin.models import create_model
-from nin.run import RunConfig, load_trained
+from nin.training import checkpoint as ckpt
+from nin.training.checkpoint import CheckpointError
+from nin.training.config import RunConfig
 
 # Derandomized: every run tries the same examples, so CI is reproducible and a failure reproduces locally.
 # too_slow: an example writes files and often builds a model, which the health check counts against it.

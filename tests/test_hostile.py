@@ -29,9 +29,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from nin import checkpoint as ckpt
-from nin.cli import build_parser, main
-from nin.run import load_trained, lock_run_dir
+from nin.cli.main import build_parser, main
+from nin.inference.trained import load_trained
+from nin.training import checkpoint as ckpt
+from nin.training.run import lock_run_dir
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -433,7 +434,7 @@ def test_two_runs_started_together_into_one_directory_one_is_refused(images, tmp
 def test_a_checkpoint_another_process_wrote_is_never_taken_for_this_runs(run_copy):
     """The Checkpointer refuses to find its next checkpoint already there (unless it is the one it went on
     from), instead of keeping it silently as this run's."""
-    from nin.callbacks import Checkpointer
+    from nin.training.callbacks import Checkpointer
 
     class At:
         step = 3

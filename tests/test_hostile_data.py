@@ -47,10 +47,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from nin import cifar, data, folder, predict
-from nin.cli import main
-from nin.data import DataError
-from nin.datasets import DataConfig, load_splits
+from nin.cli.main import main
+from nin.data import DataConfig, cifar, folder, load_splits
+from nin.data import idx as data
+from nin.data.idx import DataError
+from nin.inference import predict
 
 MiB = 1024 * 1024
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -496,7 +497,7 @@ def test_a_test_dir_that_is_missing_or_a_file_is_named(tmp_path):
 READ_EACH = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))  # a reader that streams /dev/zero fails, not the machine
-from nin.data import DataError, read_idx
+from nin.data.idx import DataError, read_idx
 for path in sys.argv[1:]:
     try:
         read_idx(path)

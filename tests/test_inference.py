@@ -7,10 +7,11 @@ import torch
 from conftest import synthetic_images
 from torch import nn
 
-from nin.inference import fold_batchnorm, has_batchnorm
-from nin.loader import DeviceLoader
+from nin.data.loader import DeviceLoader
 from nin.models import create_model, list_models
-from nin.train import TrainConfig, Trainer, evaluate
+from nin.models.fold import fold_batchnorm, has_batchnorm
+from nin.training.config import TrainConfig
+from nin.training.trainer import Trainer, evaluate
 
 
 def with_stats(model: nn.Module, seed: int = 0) -> nn.Module:

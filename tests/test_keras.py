@@ -41,7 +41,7 @@ CASES = [(n, {}) for n in list_models("nin")] + [("nin28", {"head": "fc"}), ("ni
 
 @pytest.mark.parametrize("name,options", CASES, ids=[f"{n}-{o}" for n, o in CASES])
 def test_the_keras_model_computes_the_pytorch_models_logits(name, options):
-    from nin.keras import convert
+    from nin.inference.keras import convert
 
     model = randomized(name, **options)
     kmodel = convert(model)
@@ -54,7 +54,7 @@ def test_the_keras_model_computes_the_pytorch_models_logits(name, options):
 
 
 def test_build_gives_the_registered_architecture_with_pytorchs_layer_names():
-    from nin.keras import build
+    from nin.inference.keras import build
 
     kmodel = build("nin_d2l")
     assert tuple(kmodel.input_shape) == (None, 224, 224, 1) and tuple(kmodel.output_shape) == (None, 10)
@@ -64,9 +64,9 @@ def test_build_gives_the_registered_architecture_with_pytorchs_layer_names():
 
 
 def test_from_torch_copies_a_trained_checkpoint(tiny_run):
-    from nin.export import sample_inputs
-    from nin.keras import from_torch
-    from nin.run import load_trained
+    from nin.inference.export import sample_inputs
+    from nin.inference.keras import from_torch
+    from nin.inference.trained import load_trained
 
     kmodel, classes = from_torch(tiny_run)
     t = load_trained(tiny_run, "cpu")
@@ -79,7 +79,7 @@ def test_from_torch_copies_a_trained_checkpoint(tiny_run):
 
 
 def test_classic_models_and_missing_keras_are_clear_errors(monkeypatch):
-    from nin.keras import build, convert
+    from nin.inference.keras import build, convert
 
     with pytest.raises(NinError, match="covers the NiN models"):
         convert(create_model("lenet"))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nin.run import preset, train
+from nin.training.config import preset
+from nin.training.run import train
 
 
 @pytest.mark.slow

@@ -1,12 +1,12 @@
-"""Tests for nin.loader: epoch coverage, deterministic order, exact resume, sharding, augmentation, transform."""
+"""Tests for nin.data.loader: epoch coverage, deterministic order, exact resume, sharding, augmentation, transform."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from nin.data.loader import Augment, DeviceLoader, channel_stats, translate
 from nin.errors import NinError
-from nin.loader import Augment, DeviceLoader, channel_stats, translate
 
 N = 103  # prime: no batch size divides it
 

@@ -8,23 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from nin import models
 from nin.errors import NinError
-from nin.models import (
-    CLASSES,
-    DEFAULT_MODEL,
-    MODELS,
-    OVERRIDES,
-    Block,
-    Dropout,
-    Pool,
-    Registry,
-    create_model,
-    init_weights,
-    list_models,
-    model_entry,
-    nin_block,
-)
+from nin.models import DEFAULT_MODEL, MODELS, Registry, create_model, init_weights, list_models, model_entry
+from nin.models import nin as models
+from nin.models.nin import OVERRIDES, nin_block
+from nin.models.specs import CLASSES, Block, Dropout, Pool
 
 ALL = list_models()
 NAMES = list_models("nin")  # the NiN-specific tests; ALL also holds the classic baselines
@@ -567,7 +555,7 @@ def test_dropout_on_a_nin_without_dropout_stages_adds_one_after_each_pooling_sta
 def test_the_fused_bf16_cpu_path_computes_what_the_modules_do(monkeypatch, name):
     """Under bf16 autocast on a CPU, conv+ReLU pairs run as one oneDNN primitive: the same outputs and gradients,
     bit for bit, as module by module; the 1-channel strided first conv as a space-to-depth conv, to bf16 rounding."""
-    from nin.train import bf16_native
+    from nin.training.precision import bf16_native
 
     torch.manual_seed(0)
     model = create_model(name, input_size=(96, 96)).eval()  # eval: no dropout masks to line up

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from nin.cli import main
-from nin.data import load_split
-from nin.loader import DeviceLoader
-from nin.run import load_trained
+from nin.cli.main import main
+from nin.data.idx import load_split
+from nin.data.loader import DeviceLoader
+from nin.inference.trained import load_trained
 
 
 @pytest.fixture

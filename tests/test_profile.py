@@ -1,4 +1,4 @@
-"""nin.profile: our own per-layer counts, cross-checked against PyTorch's FLOP counter and autograd,
+"""nin.analysis.profile: our own per-layer counts, cross-checked against PyTorch's FLOP counter and autograd,
 and memory estimates against memory measured by real training steps and inference."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from nin.analysis.measure import measure_inference, measure_training
+from nin.analysis.profile import ModelProfile, count_flops, flop_counts_by_module, profile_model
 from nin.errors import NinError
-from nin.measure import measure_inference, measure_training
 from nin.models import create_model, list_models
-from nin.profile import ModelProfile, count_flops, flop_counts_by_module, profile_model
 
 ALL = list_models()
 

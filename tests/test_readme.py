@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nin.cli import main
+from nin.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -35,7 +35,7 @@ def test_readme_torchrun_commands_parse(tmp_path):
 
     from torch.distributed.run import get_args_parser
 
-    from nin.cli import build_parser
+    from nin.cli.main import build_parser
 
     blocks = [b.replace("\\\n", " ") for b in code_blocks("shell") if b.startswith("torchrun")]
     assert len(blocks) == 2
@@ -70,7 +70,7 @@ def study_reports() -> list[Path]:
 
 
 def test_every_built_in_study_has_a_committed_report():
-    from nin.study import STUDIES
+    from nin.experiments.study import STUDIES
 
     assert {p.parent.name for p in study_reports()} >= set(STUDIES)
 
@@ -80,7 +80,7 @@ def test_study_reports_are_what_their_recorded_runs_give(report):
     """Each committed report.md re-renders, byte for byte, from the results.jsonl recorded beside it."""
     import json
 
-    from nin.study import STUDIES, StudyConfig, load_records, render_report
+    from nin.experiments.study import STUDIES, StudyConfig, load_records, render_report
 
     meta = json.loads((report.parent / "study.json").read_text())
     study = STUDIES[meta["study"]]

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from nin.cli import main
-from nin.doctor import fingerprint
+from nin.analysis.doctor import fingerprint
+from nin.analysis.records import FORMAT, load_records, make_record, read_record, record_name, write_record
+from nin.cli.main import main
 from nin.errors import NinError
-from nin.records import FORMAT, load_records, make_record, read_record, record_name, write_record
 
 ROOT = Path(__file__).resolve().parent.parent
 WHEN = dt.datetime(2026, 12, 1, 10, 30, 5, tzinfo=dt.timezone.utc)

@@ -21,11 +21,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nin import checkpoint as ckpt
-from nin.callbacks import Checkpointer
-from nin.cli import main
+from nin.cli.main import main
 from nin.models import create_model
-from nin.train import TrainConfig, Trainer
+from nin.training import checkpoint as ckpt
+from nin.training.callbacks import Checkpointer
+from nin.training.config import TrainConfig
+from nin.training.trainer import Trainer
 
 # nin28 with BatchNorm and dropout (the global RNG), flips and translations (the loader's draws): 768
 # images in batches of 64, 12 steps per epoch, 3 epochs; a checkpoint every 5 steps and at each epoch's end.
@@ -122,7 +123,7 @@ def test_sigterm_then_sigkill_at_a_random_step_then_resume_is_bit_exact(referenc
 
 
 def tiny_trainer(run: Path, epochs: int, accs: list[float], **checkpointer) -> tuple[Trainer, Checkpointer]:
-    from nin.loader import DeviceLoader
+    from nin.data.loader import DeviceLoader
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=g)
@@ -234,8 +235,8 @@ def test_a_state_saved_by_another_model_is_refused_whole(tmp_path):
 
 
 def test_a_failed_metrics_write_keeps_the_previous_file(tmp_path, monkeypatch):
-    from nin.callbacks import MetricsWriter
     from nin.errors import NinError
+    from nin.training.callbacks import MetricsWriter
 
     writer = MetricsWriter(tmp_path)
     writer.write([{"epoch": 1, "train_loss": 1.0}])

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nin.cli import main
+from nin.cli.main import main
 from nin.errors import NinError
-from nin.study import (
+from nin.experiments.study import (
     BUDGETS,
     STUDIES,
     Budget,
@@ -30,7 +30,7 @@ CASES = [(s, b, v) for s in STUDIES.values() for b in BUDGETS for v in s.budgets
 
 @pytest.mark.parametrize("study,budget,variant", CASES, ids=[f"{s.name}-{b}-{v.label}" for s, b, v in CASES])
 def test_every_variant_of_every_budget_is_a_valid_run_with_a_model(study, budget, variant):
-    from nin.study import _model_cost
+    from nin.experiments.study import _model_cost
 
     cfg = variant_config(study, StudyConfig(budget=budget), variant, seed=2)
     cfg.train.validate()
@@ -122,12 +122,12 @@ def test_running_again_reuses_recorded_runs_and_finishes_an_interrupted_one(fold
     study, out = tiny_study(folder, lrs=(0.05,)), tmp_path / "study"
     first = run_study(study, StudyConfig(device="cpu", seeds=1), out, log=lambda _: None)
 
-    import nin.run
+    import nin.training.run
 
     def no_training(*a, **k):
         raise AssertionError("a recorded run was trained again")
 
-    monkeypatch.setattr(nin.run, "train", no_training)
+    monkeypatch.setattr(nin.training.run, "train", no_training)
     lines = []
     assert run_study(study, StudyConfig(device="cpu", seeds=1), out, log=lines.append) == first
     assert "recorded" in lines[0]

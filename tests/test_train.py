@@ -10,12 +10,15 @@ import torch
 from conftest import synthetic_images
 from torch import nn
 
-from nin import checkpoint as ckpt
-from nin.callbacks import Checkpointer
+from nin.data.loader import Augment, DeviceLoader
 from nin.errors import NinError
-from nin.loader import Augment, DeviceLoader
+from nin.inference.evaluate import confusion_matrix
 from nin.models import create_model
-from nin.train import Callback, Diverged, TrainConfig, Trainer, confusion_matrix, evaluate, lr_at
+from nin.training import checkpoint as ckpt
+from nin.training.callbacks import Checkpointer
+from nin.training.callbacks.base import Callback
+from nin.training.config import TrainConfig
+from nin.training.trainer import Diverged, Trainer, evaluate, lr_at
 
 
 def loaders(n=512, classes=4, size=12, channels=1, batch=32, augment=Augment()):
@@ -332,7 +335,7 @@ def fake_gpu(monkeypatch, name: str, capability: tuple[int, int]) -> torch.devic
 
 
 def test_amp_auto_on_a_t4_is_fp16_with_a_gradient_scaler_and_says_why(monkeypatch):
-    from nin.train import amp_choice
+    from nin.training.precision import amp_choice
 
     gpu = fake_gpu(monkeypatch, "Tesla T4", (7, 5))
     mode, why = amp_choice(gpu)
@@ -344,14 +347,14 @@ def test_amp_auto_on_a_t4_is_fp16_with_a_gradient_scaler_and_says_why(monkeypatc
 
 @pytest.mark.parametrize("name, capability", [("NVIDIA A100-SXM4-40GB", (8, 0)), ("NVIDIA H100 80GB HBM3", (9, 0))])
 def test_amp_auto_on_ampere_and_later_is_bf16(monkeypatch, name, capability):
-    from nin.train import amp_choice
+    from nin.training.precision import amp_choice
 
     mode, why = amp_choice(fake_gpu(monkeypatch, name, capability))
     assert mode == "bf16" and "natively" in why and name in why
 
 
 def test_nin_amp_overrides_auto_and_a_bad_value_is_one_clear_error(monkeypatch):
-    from nin.train import amp_choice
+    from nin.training.precision import amp_choice
 
     gpu = fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", (9, 0))
     monkeypatch.setenv("NIN_AMP", "none")

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from nin import run
-from nin.cli import main
-from nin.config import load_config
-from nin.tune import Dim, PruningCallback, parse_space, search_space, table
+from nin.cli.main import main
+from nin.experiments.tune import Dim, PruningCallback, parse_space, search_space, table
+from nin.training import run
+from nin.training.config import load_config, load_run_config
 
 optuna = pytest.importorskip("optuna")
 
@@ -121,14 +121,14 @@ def test_best_yaml_is_the_best_trial_without_the_holdout_and_trains(shared, tmp_
     assert cfg.data.holdout is None and cfg.data.subset is None  # the full training set, scored on the test set
     for key, value in best.params.items():
         assert getattr(cfg.train, key) == value
-    trial_cfg = run.load_run_config(Path(best.user_attrs["run_dir"]))
+    trial_cfg = load_run_config(Path(best.user_attrs["run_dir"]))
     assert (trial_cfg.data.holdout, trial_cfg.data.subset) == (128, 256)
     assert trial_cfg.train == cfg.train
     # nin train --config best.yaml loads it (here cut short: a few images, two steps)
     code = main(["train", "--config", str(out / "best.yaml"), "--subset", "128", "--test-subset", "64",
                  "--max-steps", "2", "--threads", "1", "--out", str(tmp_path / "final"), "--quiet"])
     assert code == 0
-    assert run.load_run_config(tmp_path / "final").data.holdout is None
+    assert load_run_config(tmp_path / "final").data.holdout is None
 
 
 def test_an_existing_out_dir_is_continued_not_overwritten(shared):

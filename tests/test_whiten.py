@@ -1,4 +1,4 @@
-"""Tests for nin.whiten: GCN semantics, ZCA whitening properties, chunked fit, subsets, batch transform, files."""
+"""Tests for nin.data.whiten: GCN semantics, ZCA whitening properties, chunked fit, subsets, batch transform, files."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from nin.data.whiten import Whitening, _moments, fit_whitening, global_contrast_normalize
 from nin.errors import NinError
-from nin.whiten import Whitening, _moments, fit_whitening, global_contrast_normalize
 
 SHAPE = (3, 8, 8)
 D = 3 * 8 * 8

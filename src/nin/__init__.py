@@ -1,8 +1,8 @@
 """nin: Network-in-Network image classifiers (Lin, Chen & Yan, 2013) in PyTorch."""
 
-from nin import classic as _classic  # noqa: F401  (registers the classic baselines)
 from nin.errors import NinError
-from nin.models import NiN, create_model, list_models, nin_block
+from nin.models import create_model, list_models
+from nin.models.nin import NiN, nin_block
 
 __all__ = ["NiN", "NinError", "create_model", "list_models", "nin_block"]
 __version__ = "0.1.0"

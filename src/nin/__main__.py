@@ -1,5 +1,5 @@
 import sys
 
-from nin.cli import main
+from nin.cli.main import main
 
 sys.exit(main())

@@ -1,0 +1,1 @@
+"""The ``nin`` command line (:mod:`nin.cli.main`)."""

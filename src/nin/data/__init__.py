@@ -1,0 +1,178 @@
+"""Every data set ``nin`` trains on, behind one name: what a run's ``--dataset`` may be.
+
+* ``fashion-mnist``, ``mnist``: IDX files (:mod:`nin.data`), 1x28x28, 10 classes;
+* ``cifar10``, ``cifar100``: the official python archives (:mod:`nin.data.cifar`), 3x32x32;
+* ``folder:PATH``: your own images, one sub-folder per class (:mod:`nin.data.folder`), decoded
+  to the model's channels and input size; the test split is ``--test-dir`` (same
+  class sub-folders) or a seeded, stratified ``--test-fraction`` of PATH.
+
+:class:`DataConfig` holds a run's data settings; :func:`load_splits` turns it into
+a train and a test :class:`~nin.data.Split` of uint8 images ``[N, C, H, W]``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from nin.data import cifar
+from nin.data import idx as data
+from nin.bounds import MAX_IMAGE_SIDE, bounded, check_ranges
+from nin.data.idx import DataError, Split
+from nin.errors import did_you_mean
+
+FOLDER_PREFIX = "folder:"
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"  # a name from NAMES, or folder:PATH
+    data_dir: str | None = None
+    download: bool = True
+    verify: bool = True  # check files against their published checksums
+    subset: int | None = bounded(None, 1, 10**9)  # train on a seeded random subset of this many images
+    test_subset: int | None = bounded(None, 1, 10**9)
+    resize: int | None = bounded(None, 1, MAX_IMAGE_SIDE)  # None: the model's own input size
+    normalize: bool = True  # by the training set's mean and std; False: 0-1 scale only
+    whiten: bool = False  # the paper's global contrast normalization and ZCA whitening (instead of normalize)
+    crop_padding: int = bounded(0, 0, 64)  # random translation of up to this many pixels
+    flip: bool = True
+    test_dir: str | None = None  # folder data sets: a separate test folder
+    # folder data sets without test_dir: the share held out for testing (a fixed draw)
+    test_fraction: float = bounded(0.2, 0, 1, lo_open=True, hi_open=True)
+    skip_bad_images: bool = False  # folder data sets: leave undecodable files out (listed) instead of failing
+    # folder data sets: an image of more pixels is refused before it is decoded (None: folder.MAX_PIXELS)
+    max_pixels: int | None = bounded(None, 1, 2**31)
+    # Hold out this many training images (a fixed draw, the same for every seed) and evaluate on them
+    # instead of the test split: a validation set for tuning, so the test set is never used to choose.
+    holdout: int | None = bounded(None, 1, 10**9)
+
+    def validate(self) -> None:
+        check_ranges(self)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    source: str
+
+
+NAMES: dict[str, DatasetInfo] = {
+    "fashion-mnist": DatasetInfo("fashion-mnist", (1, 28, 28), 10, data.FASHION_MNIST.mirrors[0]),
+    "mnist": DatasetInfo("mnist", (1, 28, 28), 10, data.MNIST.mirrors[0]),
+    "cifar10": DatasetInfo("cifar10", (3, 32, 32), 10, cifar.CIFAR10.mirrors[0] + cifar.CIFAR10.archive),
+    "cifar100": DatasetInfo("cifar100", (3, 32, 32), 100, cifar.CIFAR100.mirrors[0] + cifar.CIFAR100.archive),
+}
+
+
+def folder_path(dataset: str) -> Path | None:
+    """PATH of ``folder:PATH``; None for a named data set."""
+    if not dataset.startswith(FOLDER_PREFIX):
+        return None
+    path = dataset[len(FOLDER_PREFIX):]
+    if not path:
+        raise DataError("folder: needs a path, e.g. --dataset folder:images/train")
+    return Path(path).expanduser()
+
+
+def check_name(dataset: str) -> None:
+    if folder_path(dataset) is None and dataset not in NAMES:
+        raise DataError(f"unknown dataset {dataset!r}{did_you_mean(dataset, NAMES)} (available: {', '.join(NAMES)}, "
+                        "or folder:PATH)")
+
+
+def image_shape(dataset: str) -> tuple[int, int, int] | None:
+    """(C, H, W) of a named data set's images; None for an image folder (it takes the model's)."""
+    check_name(dataset)
+    info = NAMES.get(dataset)
+    return info.image_shape if info else None
+
+
+def _load_named(d: DataConfig, split: str) -> Split:
+    if d.dataset in cifar.CIFAR:
+        return cifar.load(d.dataset, split, d.data_dir, d.download, d.verify)
+    return data.load(d.dataset, split, d.data_dir, d.download, d.verify)
+
+
+def _as_split(f) -> Split:
+    return Split(images=f.images, labels=f.labels, classes=f.classes, images_path=f.root, labels_path=f.root)
+
+
+def load_splits(
+    d: DataConfig, *, channels: int, size: tuple[int, int], seed: int, splits: tuple[str, ...] = ("train", "test")
+) -> tuple[dict[str, Split], list[tuple[str, str]]]:
+    """The requested splits of ``d.dataset``, and the image files that were skipped as undecodable.
+
+    Image folders are decoded to ``channels`` and ``size``; named data sets keep their own
+    shape (the caller checks it against the model).
+    """
+    root = folder_path(d.dataset)
+    if root is None:
+        check_name(d.dataset)
+        return {s: _load_named(d, s) for s in splits}, []
+    from nin.data.folder import load_image_folder, split_folder
+
+    on_error: Literal["fail", "skip"] = "skip" if d.skip_bad_images else "fail"
+    opts = dict(channels=channels, size=size, on_error=on_error, cache_dir=data.cache_dir("folders"),
+                max_pixels=d.max_pixels)
+    train = load_image_folder(root, **opts)
+    if d.test_dir:
+        test = load_image_folder(Path(d.test_dir).expanduser(), classes=train.classes, **opts)
+    elif not 0 < d.test_fraction < 1:
+        raise DataError(f"--test-fraction must be between 0 and 1, got {d.test_fraction}")
+    else:
+        train, test = split_folder(train, d.test_fraction, seed)
+    skipped = [(os.path.join(str(f.root), p), why) for f in (train, test) for p, why in f.skipped]
+    both = {"train": _as_split(train), "test": _as_split(test)}
+    return {s: both[s] for s in splits}, list(dict.fromkeys(skipped))
+
+
+def _idx_status(spec: data.IdxDataset, data_dir: str | None) -> tuple[str, str]:
+    try:
+        found = data.find_files(spec, data_dir, download=False)
+    except data.NotFoundError:
+        return "not found", "-"
+    except DataError as e:  # something that is not a regular file where a data file would be
+        return ", ".join(map(str, data.search_dirs(spec, data_dir))), f"BAD: {e}"
+    where = sorted({str(p.parent) for p in found.values()})
+    try:
+        for name, path in found.items():
+            data.check_file(spec, name, path)  # in a stream: memory is one chunk, whatever the file holds
+    except DataError as e:
+        return ", ".join(where), f"BAD: {e}"
+    return ", ".join(where), "ok (SHA-256 of the decompressed files)"
+
+
+def _cifar_status(spec: cifar.CifarDataset, data_dir: str | None) -> tuple[str, str]:
+    try:
+        path, _ = cifar.find_archive(spec, data_dir)
+    except DataError as e:  # something that is not a regular file where the archive would be
+        return str(data.user_data_dir(data_dir) or cifar.cache_dir(spec.name)), f"BAD: {e}"
+    if path is None:
+        return "not found", "-"
+    try:
+        cifar.check_md5(path, spec)
+    except DataError as e:
+        return str(path), f"BAD: {e}"
+    return str(path), "ok (MD5 of the archive)"
+
+
+def status(data_dir: str | None = None) -> list[dict[str, object]]:
+    """For each named data set: shape, classes, where its files are (or 'not found') and their checksum status.
+
+    With ``data_dir`` (or ``$NIN_DATA_DIR``) only that directory is looked in, and it must exist (else a
+    :class:`DataError` naming it); without, the places training looks. Every file is checked in a stream
+    (a bad or oversized file is a ``BAD: ...`` row), so memory stays bounded whatever the files hold.
+    """
+    data.user_data_dir(data_dir)  # a named directory that does not exist is one error, not four rows
+    rows = []
+    for name, info in NAMES.items():
+        where, check = (_cifar_status(cifar.CIFAR[name], data_dir) if name in cifar.CIFAR
+                        else _idx_status(data.DATASETS[name], data_dir))
+        rows.append({"name": name, "shape": "x".join(map(str, info.image_shape)), "classes": info.num_classes,
+                     "found": where, "checksum": check, "source": info.source})
+    return rows

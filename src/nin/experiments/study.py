@@ -1,0 +1,637 @@
+"""Studies: the seed's exercises as named, versioned experiments repeated over seeds.
+
+A :class:`Study` asks one question (which learning rate diverges, what a 1x1 conv
+buys, how to reduce the last block to the classes, ...) by training a few
+:class:`Variant` s of one base configuration, each with several seeds. Its
+:class:`Budget` s say how big that base is: ``cpu`` (the default) finishes within
+about 20 minutes on a 2-core CPU, ``full`` is the seed's own setting for a GPU.
+
+:func:`run_study` trains every (variant, seed) run into ``OUT/runs/`` and appends
+one record per finished run to ``OUT/results.jsonl``, so an interrupted study
+continues where it stopped. :func:`write_report` turns the records into
+``report.md`` (mean and standard deviation over seeds, which runs diverged and
+when), ``curves.png`` (learning curves overlaid), ``sweep.png`` (the swept value
+against final test accuracy), ``configs/`` (each variant's exact configuration)
+and ``study.json`` (the study, its budget and the environment).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from nin.atomic import make_dirs, write_error, write_text
+from nin.errors import NinError, did_you_mean
+
+BUDGETS = ("cpu", "full")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One arm of a study: ``changes`` are dotted paths into a RunConfig, e.g. ``{"train.lr": 0.05}``."""
+
+    label: str
+    changes: Mapping[str, Any]
+    value: float | None = None  # the swept quantity, where it is a number (x axis of sweep.png)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How big a study's runs are: a preset, changes to it shared by every variant, the variants, the seeds."""
+
+    description: str
+    preset: str
+    base: Mapping[str, Any]  # dotted-path changes to the preset
+    variants: tuple[Variant, ...]
+    seeds: int = 3
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    version: int  # bumped whenever a budget or a variant changes, so old results are never mixed with new
+    title: str
+    question: str
+    axis: str  # what the variants sweep, for the figures
+    budgets: Mapping[str, Budget]
+    log_axis: bool = False
+
+
+# ------------------------------------------------------------------ the studies
+
+_D2L_RECIPE = {  # the seed's optimizer at a CPU's scale: Xavier, plain SGD at a constant lr, no augmentation
+    "model.init": "xavier", "train.momentum": 0.0, "train.nesterov": False, "train.weight_decay": 0.0,
+    "train.schedule": "constant", "train.warmup": 0.0, "train.label_smoothing": 0.0, "data.flip": False,
+    "data.normalize": False,
+}
+_CPU_DATA = {"data.subset": 20000, "data.test_subset": 5000, "train.epochs": 2}  # about 30-50 s a run
+_FULL = {"train.amp": "auto"}  # the d2l preset at 224x224, 10 epochs, all 60,000 images; bf16 where native
+
+
+def _lr_study() -> Study:
+    lrs = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+    variants = tuple(Variant(f"lr={lr:g}", {"train.lr": lr}, lr) for lr in lrs)
+    return Study(
+        "lr", 1, "Learning rate and divergence",
+        "With the seed's recipe (Xavier init, plain SGD at a constant learning rate, no BatchNorm), which "
+        "learning rates train, and from which one does training blow up or collapse to chance?",
+        "learning rate",
+        {
+            "cpu": Budget("nin28 without BatchNorm at 28x28, the seed's recipe, 15,000 training images, "
+                          "3 epochs, 5,000 test images", "default",
+                          {**_D2L_RECIPE, "model.options.batch_norm": False, "data.subset": 15000,
+                           "data.test_subset": 5000, "train.epochs": 3}, variants),
+            "full": Budget("nin_d2l at 224x224, the seed's recipe, 10 epochs, all of Fashion-MNIST", "d2l",
+                           dict(_FULL), variants),
+        },
+        log_axis=True,
+    )
+
+
+def _mlp_layers_study() -> Study:
+    variants = tuple(Variant(f"mlp_layers={k}", {"model.options.mlp_layers": k}, k) for k in range(4))
+    return Study(
+        "mlp-layers", 1, "1x1 convolutions per block",
+        "What do the 1x1 convolutions of an mlpconv block buy? Every block gets 0, 1, 2 (NiN's) or 3 of them "
+        "(the seed's second exercise removes one).",
+        "1x1 convs per block",
+        {
+            "cpu": Budget("nin28 (BatchNorm) at 28x28, the default one-cycle recipe, 20,000 training images, "
+                          "2 epochs, 5,000 test images", "default", dict(_CPU_DATA), variants),
+            "full": Budget("nin_d2l at 224x224, the seed's recipe, 10 epochs, all of Fashion-MNIST", "d2l",
+                           dict(_FULL), variants),
+        },
+    )
+
+
+def _head_study() -> Study:
+    def arms(gradual: int) -> tuple[Variant, ...]:
+        return (
+            Variant("one-step + GAP", {"model.options.head_width": 10}),
+            Variant(f"gradual ({gradual}) + GAP", {"model.options.head_width": gradual}),
+            Variant("one-step + FC", {"model.options.head_width": 10, "model.options.head": "fc"}),
+            Variant(f"gradual ({gradual}) + FC", {"model.options.head_width": gradual, "model.options.head": "fc"}),
+        )
+
+    return Study(
+        "head", 1, "Reducing to the classes, and global average pooling against a fully connected head",
+        "Should the last block go from its input straight to one channel per class (one step, as in d2l's "
+        "384x5x5 -> 10x5x5) or keep its width until the last 1x1 conv (gradual)? And does global average "
+        "pooling, NiN's central claim, do better than a fully connected layer over the class maps?",
+        "classifier",
+        {
+            "cpu": Budget("nin28 (BatchNorm) at 28x28, the default one-cycle recipe, 20,000 training images, "
+                          "2 epochs, 5,000 test images; the classifier block's 3x3 conv and first 1x1 conv are "
+                          "10 (one step) or 96 (gradual) wide", "default", dict(_CPU_DATA), arms(96)),
+            "full": Budget("nin_d2l at 224x224, the seed's recipe, 10 epochs, all of Fashion-MNIST; the last "
+                           "block's convs are 10 (one step, d2l's) or 384 (gradual) wide", "d2l", dict(_FULL),
+                           arms(384)),
+        },
+    )
+
+
+def _regularization_study() -> Study:
+    def arms(dropout: float) -> tuple[Variant, ...]:
+        return tuple(
+            Variant(f"BN {'on' if bn else 'off'}, dropout {p:g}",
+                    {"model.options.batch_norm": bn, "model.options.dropout": p})
+            for bn in (False, True) for p in (0.0, dropout)
+        )
+
+    return Study(
+        "regularization", 1, "Dropout and BatchNorm",
+        "What do dropout (NiN's, after the pooling stages) and BatchNorm (not in the paper) each change, alone "
+        "and together?",
+        "regularization",
+        {
+            "cpu": Budget("nin28 at 28x28 (dropout after each pooling stage when on), the default one-cycle "
+                          "recipe at peak lr 0.05, 20,000 training images, 3 epochs, 5,000 test images",
+                          "default", {**_CPU_DATA, "train.epochs": 3, "train.lr": 0.05}, arms(0.5)),
+            "full": Budget("nin_d2l at 224x224 (its one dropout stage), the seed's recipe, 10 epochs, all of "
+                           "Fashion-MNIST", "d2l", dict(_FULL), arms(0.5)),
+        },
+    )
+
+
+def _init_study() -> Study:
+    variants = tuple(Variant(s, {"model.init": s}) for s in ("xavier", "kaiming", "default"))
+    return Study(
+        "init", 1, "Weight initialization",
+        "Xavier (d2l's choice) against Kaiming (He) and PyTorch's default, on a NiN without BatchNorm, where the "
+        "starting scale of the weights is not normalized away.",
+        "initialization",
+        {
+            "cpu": Budget("nin28 without BatchNorm at 28x28, the default one-cycle recipe at peak lr 0.05, "
+                          "20,000 training images, 3 epochs, 5,000 test images", "default",
+                          {**_CPU_DATA, "train.epochs": 3, "train.lr": 0.05, "model.options.batch_norm": False},
+                          variants),
+            "full": Budget("nin_d2l at 224x224, the seed's recipe, 10 epochs, all of Fashion-MNIST", "d2l",
+                           dict(_FULL), variants),
+        },
+    )
+
+
+def _registry(*studies: Study) -> Mapping[str, Study]:
+    table: dict[str, Study] = {}
+    for s in studies:
+        if s.name in table:
+            raise ValueError(f"study {s.name!r} is defined twice")
+        if set(s.budgets) != set(BUDGETS):
+            raise ValueError(f"study {s.name!r} must define the budgets {', '.join(BUDGETS)}")
+        table[s.name] = s
+    return MappingProxyType(table)
+
+
+STUDIES: Mapping[str, Study] = _registry(
+    _lr_study(), _mlp_layers_study(), _head_study(), _regularization_study(), _init_study()
+)
+
+
+def get_study(name: str) -> Study:
+    if name not in STUDIES:
+        raise NinError(f"unknown study {name!r}{did_you_mean(name, STUDIES)} (available: {', '.join(STUDIES)})")
+    return STUDIES[name]
+
+
+# ------------------------------------------------------------------ configs
+
+
+def apply_changes(config: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a RunConfig dict with dotted-path ``changes`` applied (``model.options.*`` may be new keys)."""
+    out = copy.deepcopy(config)
+    for path, value in changes.items():
+        *parents, key = path.split(".")
+        node = out
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                raise NinError(f"no setting {path!r}")
+            node = node[p]
+        if key not in node and parents[-1:] != ["options"]:
+            raise NinError(f"no setting {path!r}")
+        node[key] = value
+    return out
+
+
+@dataclass
+class StudyConfig:
+    """How to run a study: which budget, and what to change about it."""
+
+    budget: Literal["cpu", "full"] = "cpu"
+    seeds: int | None = None  # None: the budget's
+    epochs: int | None = None
+    subset: int | None = None  # training images (None: the budget's)
+    device: str = "auto"
+    on_diverge: Literal["stop", "rollback"] = "stop"
+    extra: dict[str, Any] = field(default_factory=dict)  # more dotted-path changes, e.g. {"data.data_dir": ...}
+
+    def budget_of(self, study: Study) -> Budget:
+        if self.budget not in study.budgets:
+            raise NinError(f"unknown budget {self.budget!r} (available: {', '.join(study.budgets)})")
+        return study.budgets[self.budget]
+
+    def seed_list(self, study: Study) -> list[int]:
+        n = self.seeds if self.seeds is not None else self.budget_of(study).seeds
+        if n < 1:
+            raise NinError(f"seeds must be at least 1, got {n}")
+        return list(range(n))
+
+
+def variant_config(study: Study, sc: StudyConfig, variant: Variant, seed: int):
+    """The exact RunConfig of one run."""
+    from nin.training.config import RunConfig, preset
+
+    b = sc.budget_of(study)
+    changes: dict[str, Any] = {**b.base, **variant.changes, "seed": seed, "device": sc.device,
+                               "train.on_diverge": sc.on_diverge}
+    if sc.epochs is not None:
+        changes["train.epochs"] = sc.epochs
+    if sc.subset is not None:
+        changes["data.subset"] = sc.subset
+    changes.update(sc.extra)
+    return RunConfig.from_dict(apply_changes(preset(b.preset).to_dict(), changes))
+
+
+# ------------------------------------------------------------------ running
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=]+", "-", label).strip("-").replace("=", "")
+
+
+RESULTS = "results.jsonl"
+
+
+def load_records(out: Path) -> list[dict[str, Any]]:
+    """The finished runs recorded in ``out/results.jsonl`` (a torn last line, from a crash, is ignored)."""
+    path = out / RESULTS
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    """Append one line; a write that fails (a full disk) is cut off again, so the file keeps whole lines."""
+    data = (json.dumps(record) + "\n").encode()
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise write_error(path, e) from e
+    end = None
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        if end and os.pread(fd, 1, end - 1) != b"\n":  # a line torn by a crash: end it, or this record joins it
+            data = b"\n" + data
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError as e:
+        if end is not None:
+            try:
+                os.ftruncate(fd, end)
+            except OSError:
+                pass
+        raise write_error(path, e) from e
+    finally:
+        os.close(fd)
+
+
+def _read_history(run_dir: Path) -> list[dict[str, float]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _model_cost(cfg) -> tuple[int, int]:
+    """Parameters and forward multiply-accumulates per image of the run's model."""
+    from nin.analysis.profile import count_flops
+    from nin.models import create_model
+    from nin.training.run import model_options
+
+    model = create_model(cfg.model.name, **model_options(cfg))
+    return sum(p.numel() for p in model.parameters()), count_flops(model) // 2
+
+
+def _prepare(run_dir: Path) -> bool:
+    """True if ``run_dir`` holds a checkpoint to resume. A directory left by a run that crashed before its
+    first checkpoint holds nothing but its config and is cleared; anything else unexpected is refused."""
+    from nin.training.checkpoint import list_checkpoints
+
+    if not run_dir.exists():
+        return False
+    if list_checkpoints(run_dir):
+        return True
+    leftovers = {p.name for p in run_dir.iterdir()}
+    if leftovers <= {"config.json", ".config.json.tmp", "checkpoints"}:
+        shutil.rmtree(run_dir)
+        return False
+    raise NinError(f"{run_dir}: an unfinished run without a checkpoint holds {', '.join(sorted(leftovers))}; "
+                   "move it away to run it again")
+
+
+def chance(num_classes: int) -> float:
+    """Accuracies below this count as "at chance": a run that learned nothing, or collapsed."""
+    return 1.5 / num_classes
+
+
+def run_study(study: Study, sc: StudyConfig, out: str | os.PathLike,
+              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Train every (variant, seed) run not yet recorded in ``out``; return all records of this budget."""
+    from nin.training.run import environment, train
+    from nin.training.runtime import resolve_device
+    from nin.training.trainer import Diverged
+
+    out = Path(out)
+    try:
+        make_dirs(out)
+    except OSError as e:
+        raise write_error(out, e) from None
+    budget, seeds = sc.budget_of(study), sc.seed_list(study)
+    meta = {"study": study.name, "version": study.version, "budget": sc.budget}
+    _check_meta(out, meta)
+    done = {(r["variant"], r["seed"]): r for r in load_records(out) if _same(r, meta)}
+    total, k = len(budget.variants) * len(seeds), 0
+    for variant in budget.variants:
+        for seed in seeds:
+            k += 1
+            cfg = variant_config(study, sc, variant, seed)
+            previous = done.get((variant.label, seed))
+            if previous is not None and previous["config"] == json.loads(json.dumps(cfg.to_dict())):
+                log(f"[{k}/{total}] {variant.label}, seed {seed}: recorded, {_outcome(previous)}")
+                continue
+            if previous is not None:
+                raise NinError(f"{out}: {variant.label}, seed {seed} was recorded with other settings; "
+                               "use another --out for changed settings")
+            run_dir = out / "runs" / f"{slug(variant.label)}-seed{seed}"
+            resume = _prepare(run_dir)
+            params, macs = _model_cost(cfg)
+            t0 = time.perf_counter()
+            record: dict[str, Any] = {**meta, "variant": variant.label, "value": variant.value, "seed": seed,
+                                      "params": params, "macs": macs, "run_dir": str(run_dir.relative_to(out))}
+            try:
+                result = train(cfg, run_dir, resume=run_dir if resume else None, progress=False)
+                history, rollbacks = result.history, result.trainer.rollbacks
+                record["status"] = "ok"
+                device = result.trainer.device
+            except Diverged as e:
+                history, rollbacks = _read_history(run_dir), _read_rollbacks(run_dir)
+                record["status"] = "diverged"
+                record["diverged"] = {"step": e.step, "epoch": e.epoch + 1,
+                                      "loss": e.loss if math.isfinite(e.loss) else str(e.loss)}
+                device = resolve_device(cfg.device)
+            record.update(history=history, rollbacks=rollbacks, seconds=time.perf_counter() - t0,
+                          config=cfg.to_dict(), env=environment(device))
+            if record["status"] == "ok" and history and history[-1]["test_acc"] < chance(_classes(cfg)):
+                record["status"] = "at chance"
+            record = json.loads(json.dumps(record))  # as it will read back: lists, not tuples
+            _append(out / RESULTS, record)
+            done[(variant.label, seed)] = record
+            log(f"[{k}/{total}] {variant.label}, seed {seed}: {_outcome(record)} ({record['seconds']:.0f} s)")
+    return [done[(v.label, s)] for v in budget.variants for s in seeds]
+
+
+def _classes(cfg) -> int:
+    from nin.data import NAMES
+
+    info = NAMES.get(cfg.data.dataset)
+    return cfg.model.options.get("num_classes") or (info.num_classes if info else 10)
+
+
+def _read_rollbacks(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "rollbacks.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _same(record: dict[str, Any], meta: dict[str, Any]) -> bool:
+    return all(record.get(k) == v for k, v in meta.items())
+
+
+def _check_meta(out: Path, meta: dict[str, Any]) -> None:
+    """One output directory holds one study at one version and budget."""
+    path = out / "study.json"
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise NinError(f"{path}: not valid JSON") from None
+        if not _same(old, meta):
+            raise NinError(f"{out}: holds study {old.get('study')!r} version {old.get('version')} budget "
+                           f"{old.get('budget')!r}; use another --out")
+    else:
+        write_text(path, json.dumps(meta, indent=1))
+
+
+def _outcome(r: dict[str, Any]) -> str:
+    if r["status"] == "diverged":
+        d = r["diverged"]
+        return f"diverged at step {d['step']} (epoch {d['epoch']}, loss {d['loss']})"
+    acc = r["history"][-1]["test_acc"] if r["history"] else float("nan")
+    extra = f", {len(r['rollbacks'])} rollback(s)" if r.get("rollbacks") else ""
+    return f"test acc {acc:.4f}{' (at chance)' if r['status'] == 'at chance' else ''}{extra}"
+
+
+# ------------------------------------------------------------------ report
+
+
+@dataclass
+class Row:
+    label: str
+    value: float | None
+    params: int
+    macs: int
+    final: list[float]  # final test accuracy of each seed that finished
+    best: list[float]
+    loss: list[float]
+    seconds: list[float]
+    seeds: int
+    notes: list[str]
+
+
+def summarize(study: Study, budget: Budget, records: Sequence[dict[str, Any]]) -> list[Row]:
+    rows = []
+    for v in budget.variants:
+        rs = [r for r in records if r["variant"] == v.label]
+        if not rs:
+            continue
+        finished = [r for r in rs if r["status"] != "diverged" and r["history"]]
+        notes = []
+        for r in rs:
+            if r["status"] == "diverged":
+                d = r["diverged"]
+                notes.append(f"seed {r['seed']} diverged at step {d['step']} (epoch {d['epoch']})")
+            elif r["status"] == "at chance":
+                notes.append(f"seed {r['seed']} at chance")
+            for e in r.get("rollbacks", []):
+                notes.append(f"seed {r['seed']} rolled back at step {e['step']} (lr x{e['lr_scale']:g})")
+        rows.append(Row(
+            v.label, v.value, rs[0]["params"], rs[0]["macs"],
+            [r["history"][-1]["test_acc"] for r in finished],
+            [max(h["test_acc"] for h in r["history"]) for r in finished],
+            [r["history"][-1]["train_loss"] for r in finished],
+            [r["seconds"] for r in rs], len(rs), notes,
+        ))
+    return rows
+
+
+def mean_std(xs: Sequence[float]) -> str:
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:.4f}"
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
+
+
+def render_report(study: Study, sc: StudyConfig, records: Sequence[dict[str, Any]], command: str) -> str:
+    budget = sc.budget_of(study)
+    rows = summarize(study, budget, records)
+    env = records[0]["env"] if records else {}
+    seeds = sorted({r["seed"] for r in records})
+    lines = [
+        f"# Study `{study.name}` (version {study.version}): {study.title}",
+        "",
+        study.question,
+        "",
+        f"- **Budget** `{sc.budget}`: {budget.description}.",
+        f"- **Seeds**: {', '.join(map(str, seeds))}; each cell is the mean ± standard deviation over the seeds "
+        "that finished.",
+        f"- **Command**: `{command}`",
+        f"- **Environment**: torch {env.get('torch', '?')}, {env.get('device', '?')}"
+        f"{' (' + env['gpu'] + ')' if env.get('gpu') else ''}, {env.get('processor', '?')} with "
+        f"{env.get('threads', '?')} threads, {str(env.get('date', '?'))[:10]}.",
+        "- The exact configuration of each variant is in `configs/`; every run's own directory holds its "
+        "metrics and checkpoints.",
+        "",
+        f"| {study.axis} | parameters | MACs/image | final test acc | best test acc | final train loss | "
+        "time/run | notes |",
+        "| --- | ---: | ---: | --- | --- | --- | ---: | --- |",
+    ]
+    for r in rows:
+        notes = "; ".join(r.notes) or "-"
+        lines.append(f"| {r.label} | {r.params:,} | {r.macs / 1e6:,.2f} M | {mean_std(r.final)} | {mean_std(r.best)} "
+                     f"| {mean_std(r.loss)} | {statistics.median(r.seconds):.0f} s | {notes} |")
+    diverged = [r for r in records if r["status"] == "diverged"]
+    chance_runs = [r for r in records if r["status"] == "at chance"]
+    lines += ["", "## Divergence and runs at chance", ""]
+    if not diverged and not chance_runs and not any(r.get("rollbacks") for r in records):
+        lines.append("No run diverged (non-finite loss) or ended at chance accuracy.")
+    for r in diverged:
+        d = r["diverged"]
+        lines.append(f"- {r['variant']}, seed {r['seed']}: loss {d['loss']} at step {d['step']} (epoch {d['epoch']}).")
+    for r in chance_runs:
+        h = r["history"][-1]
+        lines.append(f"- {r['variant']}, seed {r['seed']}: finite loss but test accuracy {h['test_acc']:.4f} "
+                     f"after {h['epoch']} epoch(s), train loss {h['train_loss']:.4f} (chance is "
+                     f"{1 / _classes_of(r):.2f}).")
+    for r in records:
+        for e in r.get("rollbacks", []):
+            lines.append(f"- {r['variant']}, seed {r['seed']}: rolled back at step {e['step']} (epoch {e['epoch']}), "
+                         f"learning rate x{e['lr_scale']:g} from there.")
+    lines += ["", "## Figures", "", "![learning curves](curves.png)", "", f"![{study.axis} against final test "
+              "accuracy](sweep.png)", ""]
+    return "\n".join(lines)
+
+
+def _classes_of(record: dict[str, Any]) -> int:
+    from nin.training.config import RunConfig
+
+    return _classes(RunConfig.from_dict(record["config"]))
+
+
+def plot_study(study: Study, budget: Budget, records: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from nin.plots import _save
+
+    rows = summarize(study, budget, records)
+    labels = [r.label for r in rows]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    for i, label in enumerate(labels):
+        c = colors[i % len(colors)]
+        runs = [x for x in records if x["variant"] == label]
+        if not any(r["history"] for r in runs):  # every seed diverged inside its first epoch: nothing to draw
+            epochs = sorted({r["diverged"]["epoch"] for r in runs if r["status"] == "diverged"})
+            ax_acc.plot([], [], "x", color=c, label=f"{label}: diverged in epoch {', '.join(map(str, epochs))}")
+        for j, r in enumerate(runs):
+            h = r["history"]
+            if not h:
+                continue
+            ep = [m["epoch"] for m in h]
+            kw = dict(color=c, alpha=0.8, lw=1.2, label=label if j == 0 else None)
+            ax_loss.plot(ep, [m["train_loss"] for m in h], **kw)
+            ax_acc.plot(ep, [m["test_acc"] for m in h], **kw)
+            if r["status"] == "diverged":
+                ax_acc.plot(ep[-1], h[-1]["test_acc"], "x", color=c, ms=8)
+    ax_loss.set(xlabel="epoch", ylabel="train loss", title="training loss (one line per seed)")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy (x: diverged after this epoch)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_acc.legend(fontsize=7)
+    fig.suptitle(f"{study.name}: {study.title}", fontsize=9)
+    fig.tight_layout()
+    paths = [_save(fig, out / "curves.png")]
+
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
+    numeric = all(r.value is not None for r in rows)
+    xs = [r.value if numeric else i for i, r in enumerate(rows)]
+    means = [statistics.mean(r.final) if r.final else float("nan") for r in rows]
+    errs = [statistics.stdev(r.final) if len(r.final) > 1 else 0.0 for r in rows]
+    ax.errorbar(xs, means, yerr=errs, fmt="o-" if numeric else "o", capsize=4)
+    for x, r in zip(xs, rows):
+        ax.scatter([x] * len(r.final), r.final, s=10, color="gray", alpha=0.6, zorder=3)
+        if not r.final:
+            ax.annotate("diverged", (x, 0.1), ha="center", fontsize=8, color="red")
+    if numeric and study.log_axis and any(r.final for r in rows):  # nothing drawn: no limits to log-scale
+        ax.set_xscale("log")
+    if not numeric:
+        ax.set_xticks(xs, labels, rotation=15, fontsize=8)
+    ax.set(xlabel=study.axis, ylabel="final test accuracy", title="mean ± std over seeds (dots: each seed)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(_save(fig, out / "sweep.png"))
+    return paths
+
+
+def write_report(study: Study, sc: StudyConfig, out: str | os.PathLike, command: str) -> Path:
+    """report.md, curves.png, sweep.png, configs/ and study.json in ``out`` from its recorded runs."""
+    out = Path(out)
+    meta = {"study": study.name, "version": study.version, "budget": sc.budget}
+    records = [r for r in load_records(out) if _same(r, meta)]
+    if not records:
+        raise NinError(f"{out}: no finished runs of study {study.name!r} (budget {sc.budget}) to report")
+    budget = sc.budget_of(study)
+    for v in budget.variants:
+        first = next((r for r in records if r["variant"] == v.label), None)
+        if first is not None:  # the first seed's config; the others differ only in "seed"
+            write_text(out / "configs" / f"{slug(v.label)}.json", json.dumps(first["config"], indent=1) + "\n")
+    plot_study(study, budget, records, out)
+    doc = {**meta, "title": study.title, "question": study.question, "budget_description": budget.description,
+           "variants": [{"label": v.label, "changes": dict(v.changes)} for v in budget.variants],
+           "seeds": sorted({r["seed"] for r in records}), "env": records[0]["env"], "command": command,
+           "written": _dt.datetime.now().isoformat(timespec="seconds")}
+    write_text(out / "study.json", json.dumps(doc, indent=1) + "\n")
+    return write_text(out / "report.md", render_report(study, sc, records, command))

@@ -1,0 +1,554 @@
+"""A small, model-agnostic trainer for image classifiers.
+
+The :class:`Trainer` runs SGD over a :class:`~nin.data.loader.DeviceLoader`, evaluates
+once per epoch and returns the per-epoch metrics. It knows nothing about NiN:
+logging, progress bars, figures and checkpoints are :class:`Callback` objects.
+Its whole state (weights aside) is :meth:`Trainer.state_dict`: epoch, position in
+the epoch, running sums, optimizer buffers, RNG states and history, so a run
+resumed from any step continues exactly, bit for bit, as if it had not stopped.
+
+In a process group (``torchrun``, see :mod:`nin.training.distributed`) the model is
+wrapped in ``DistributedDataParallel``; each process takes its slice of every
+global batch, and the processes agree on divergence and on stopping, so they
+leave the loop at the same step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from nin.data.loader import DeviceLoader
+from nin.errors import NinError
+from nin.models.fold import fold_batchnorm, has_batchnorm
+from nin.training import distributed
+from nin.training.callbacks.base import Callback
+from nin.training.config import TrainConfig
+from nin.training.precision import AMP_DTYPES
+
+
+class _FreedMemoryKept:
+    """While inside, glibc's malloc keeps freed memory for reuse instead of giving it back to the kernel.
+
+    A training step allocates and frees about a GiB of activations and gradients, most of it in blocks
+    larger than glibc's mmap threshold (at most 32 MiB); each such block is a fresh ``mmap`` whose pages
+    the kernel faults in and zeroes on first touch, and ``munmap``-ed when freed: for ``nin_d2l`` on a 2-core
+    CPU about 290,000 page faults and 0.5 s of system time per step. With mmap off and a high trim threshold
+    the blocks come from the heap and stay there: after the first step hardly a page is faulted in again
+    (the step took 0.60-0.64x the time, ``benchmarks/step_breakdown.py --mode steps``; peak RSS grows by
+    about 0.4 GiB, as freed blocks are reused rather than unmapped). On leaving, mmap is allowed again,
+    the kept memory is returned (``malloc_trim``), and glibc is left as it settles in a process that
+    frees large blocks (mmap threshold 32 MiB, trim threshold 64 MiB: fixed now, no longer adapting). Used by
+    :meth:`Trainer.fit` and :func:`evaluate`; reentrant (a count); a no-op off Linux/glibc, for other
+    devices, and with ``NIN_KEEP_FREED_MEMORY=0`` in the environment (for A/B timing, per process).
+    """
+
+    _depth = 0
+    _lock = threading.Lock()
+    _libc: Any = None
+
+    def __init__(self, device: torch.device) -> None:
+        self.active = device.type == "cpu" and os.environ.get("NIN_KEEP_FREED_MEMORY", "1") != "0"
+
+    @classmethod
+    def _glibc(cls) -> Any:
+        if cls._libc is None:
+            cls._libc = False
+            if sys.platform.startswith("linux"):
+                import ctypes
+                import platform
+
+                if platform.libc_ver()[0] == "glibc":
+                    try:
+                        cls._libc = ctypes.CDLL("libc.so.6")
+                    except OSError:
+                        pass
+        return cls._libc
+
+    @classmethod
+    def release(cls) -> None:
+        """Give the kept memory back to the kernel now (``malloc_trim``); it is faulted in again when reused."""
+        libc = cls._glibc()
+        if libc:
+            libc.malloc_trim(0)
+
+    def __enter__(self) -> _FreedMemoryKept:
+        libc = self._glibc() if self.active else False
+        if not libc:
+            self.active = False
+            return self
+        with self._lock:
+            if _FreedMemoryKept._depth == 0:
+                libc.mallopt(_M_MMAP_MAX, 0)  # large blocks from the heap, not from fresh mmaps
+                libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # and freed ones stay there
+            _FreedMemoryKept._depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.active:
+            return
+        with self._lock:
+            _FreedMemoryKept._depth -= 1
+            if _FreedMemoryKept._depth == 0:
+                libc = self._glibc()
+                # glibc's steady state once a process has freed a large block: its threshold adapts up to
+                # 32 MiB, the trim threshold follows at twice that. (Setting any of them stops the adapting,
+                # so the 128 KiB start values would leave every block over 128 KiB to mmap from now on.)
+                libc.mallopt(_M_MMAP_MAX, 65536)
+                libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+                libc.mallopt(_M_TRIM_THRESHOLD, 64 * 2**20)
+                libc.malloc_trim(0)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # mallopt parameters (malloc.h)
+
+
+def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate at ``step`` (0-based) of ``total_steps``.
+
+    constant: ``lr``. cosine: linear warm-up, then half a cosine down to 0.
+    onecycle: linear warm-up from ``lr/10``, then linear decay to 0.
+    step: linear warm-up, then ``lr`` times ``gamma`` for each milestone passed.
+    """
+    if cfg.schedule == "constant":
+        return cfg.lr
+    warm = int(cfg.warmup * total_steps)
+    if step < warm:
+        start = cfg.lr / 10 if cfg.schedule == "onecycle" else 0.0
+        return start + (cfg.lr - start) * (step + 1) / warm
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** sum(step >= m * total_steps for m in cfg.milestones)
+    frac = (step - warm) / max(1, total_steps - warm)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
+    return cfg.lr * (1 - frac)
+
+
+class Diverged(NinError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, step: int, epoch: int, loss: float, note: str = "") -> None:
+        self.step, self.epoch, self.loss, self.note = step, epoch, loss, note
+        super().__init__(f"training diverged: loss is {loss} at step {step} (epoch {epoch + 1}){note}")
+
+
+@dataclass
+class _Position:
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches done in the current epoch
+    step: int = 0  # optimizer steps done in all
+    tally: dict[str, float] = field(
+        default_factory=lambda: {"loss_sum": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
+    )
+
+
+class Trainer:
+    """Train ``model`` on ``train_loader``; evaluate on ``test_loader`` after each epoch."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        train_loader: DeviceLoader,
+        test_loader: DeviceLoader | None = None,
+        callbacks: Iterable[Callback] = (),
+    ) -> None:
+        config.validate()
+        self.device = train_loader.device
+        self.config = config = config.resolved(self.device)
+        self.model = model
+        self.train_loader, self.test_loader = train_loader, test_loader
+        self.callbacks = list(callbacks)
+        self.dist = distributed.current()
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if self.dist.distributed:
+            if config.sync_bn and has_batchnorm(model):
+                if self.device.type == "cpu":
+                    raise NinError("sync_bn needs GPUs: PyTorch's SyncBatchNorm does not run on CPUs "
+                                   "(set train.sync_bn: false to keep per-process BatchNorm statistics)")
+                model = self.model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            # Gradients are averaged over the processes in buckets that overlap the backward pass.
+            wrapped = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                              else None, gradient_as_bucket_view=True)
+            self.step_model = torch.compile(wrapped) if config.compile else wrapped
+            # Evaluation runs each process on its own share of the test set, with no collective per batch.
+            self.eval_forward = torch.compile(model) if config.compile else model
+        else:
+            self.step_model = self.eval_forward = torch.compile(model) if config.compile else model
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        decay, no_decay = [], []
+        for p in model.parameters():
+            (decay if p.dim() > 1 else no_decay).append(p)  # no weight decay on biases and norms
+        self.optimizer = torch.optim.SGD(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+            **({"fused": True} if config.fused else {"foreach": False}),
+        )
+        # fp16's range ends at 65,504, so its gradients are scaled up and the scale adapted (a step whose
+        # gradients overflow is skipped); bf16 has fp32's range and needs no scaler.
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
+        if self.scaler is not None and config.momentum > 0:
+            # torch's fused SGD makes its momentum buffers with empty_like on the first step and skips the
+            # update when the scaler found an overflow, so a first step that overflows leaves them holding
+            # whatever was in memory, and the next step turns the weights into NaN. Buffers that start at zero
+            # give the same first step (buf = grad, as dampening is 0) and survive a skipped one.
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    self.optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        self.pos = _Position()
+        self.history: list[dict[str, float]] = []
+        self.lr_scale = 1.0  # lowered by each rollback; multiplies the schedule's lr
+        self.rollbacks: list[dict[str, float]] = []  # one event per rollback: where it diverged, the new scale
+        self.start_time = 0.0  # set by fit(): when wall_time would have been zero
+        self.should_stop = False  # set to stop at the next step (a signal, a callback); saved runs resume
+        self.stopped = False  # fit() left early because a process asked to stop
+        self._running: _Running | None = None  # this epoch's sums while it runs
+
+    # ----------------------------------------------------------------- state
+    @property
+    def epoch(self) -> int:
+        return self.pos.epoch
+
+    @property
+    def step(self) -> int:
+        return self.pos.step
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.epochs * len(self.train_loader)
+
+    def autocast(self):
+        if self.config.amp in AMP_DTYPES:
+            return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.config.amp])
+        return nullcontext()
+
+    def eval_model(self) -> nn.Module:
+        """The model to evaluate with: BatchNorm folded into the convolutions when there is any to fold."""
+        if self.config.fold_bn and has_batchnorm(self.model):
+            return fold_batchnorm(self.model)
+        return self.eval_forward
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the weights needed to continue exactly: optimizer, position, RNG, history.
+
+        Callable between any two steps. In a distributed run every process must call it
+        (it gathers each process's RNG state).
+        """
+        if self._running is not None:
+            self.pos.tally = self._running.tally()
+        rngs = distributed.all_gather(_rng_state())
+        tallies = distributed.all_gather(dict(self.pos.tally))  # each process's partial sums of this epoch
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "position": copy.deepcopy(asdict(self.pos)),
+            "rng_ranks": rngs,  # each process's, in rank order
+            "tally_ranks": tallies,
+            "world_size": self.dist.world_size,
+            "history": self.history,
+            "config": asdict(self.config),
+            "lr_scale": self.lr_scale,
+            "rollbacks": self.rollbacks,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s output; a state that does not fit is a NinError, not a partial load."""
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.dist.world_size:
+            raise NinError(f"the run was saved by {saved_world} process(es); resume it with as many "
+                           f"(this is {self.dist.world_size}): the position in the epoch counts global batches")
+        try:
+            optimizer = copy.deepcopy(self.optimizer.state_dict())
+            self.optimizer.load_state_dict(state["optimizer"])
+            # Saved buffers are contiguous; give each its parameter's layout (channels_last), as the fused
+            # step pairs elements of a parameter and its buffers by memory position.
+            for p, st in self.optimizer.state.items():
+                for k, v in st.items():
+                    if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                        st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise NinError(f"the saved optimizer state does not fit this model ({e})") from None
+        try:
+            pos = _Position(**state["position"])
+            if "tally_ranks" in state:
+                pos.tally = dict(state["tally_ranks"][self.dist.rank])
+            rng = state["rng_ranks"][self.dist.rank] if "rng_ranks" in state else state["rng"]
+            _set_rng_state(rng)
+            history, rollbacks = list(state["history"]), list(state.get("rollbacks", []))
+            scaler = state.get("scaler")
+            if self.scaler is not None and scaler:
+                self.scaler.load_state_dict(dict(scaler))
+            lr_scale = float(state.get("lr_scale", 1.0))
+            if not (0 <= pos.batch <= len(self.train_loader) and pos.epoch >= 0 and pos.step >= 0):
+                raise ValueError(f"position {asdict(pos)} is outside this run's {len(self.train_loader)} "
+                                 "batches per epoch")
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            self.optimizer.load_state_dict(optimizer)
+            raise NinError(f"the saved trainer state is malformed ({e})") from None
+        self.pos, self.history, self.rollbacks, self.lr_scale = pos, history, rollbacks, lr_scale
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> list[dict[str, float]]:
+        """Train until ``config.epochs`` (or ``max_steps``); return the per-epoch metrics."""
+        cfg = self.config
+        # A resumed run's wall time continues from the last recorded epoch (evaluation included).
+        done = (self.history[-1]["wall_time"] if self.history else 0.0) + self.pos.tally["seconds"]
+        self.start_time = time.perf_counter() - done
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        with _FreedMemoryKept(self.device):
+            while self.pos.epoch < cfg.epochs and not self._out_of_steps() and not self.stopped:
+                snapshot = self._snapshot() if cfg.on_diverge == "rollback" else None
+                try:
+                    finished = self._train_epoch()
+                except Diverged as e:
+                    if snapshot is None:
+                        raise
+                    self._roll_back(snapshot, e)
+                    continue
+                if not finished:
+                    break
+                metrics = self._end_epoch()
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, metrics)
+        for cb in self.callbacks:
+            cb.on_fit_end(self)
+        return self.history
+
+    def _snapshot(self) -> dict[str, Any]:
+        """A copy of everything an epoch changes: weights and buffers, optimizer, position, RNG."""
+        return copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                              "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                              "position": asdict(self.pos), "rng": _rng_state()})
+
+    def _roll_back(self, snapshot: dict[str, Any], e: Diverged) -> None:
+        """Restore ``snapshot`` and lower the learning rate, or re-raise once the rollbacks are spent."""
+        cfg = self.config
+        if len(self.rollbacks) >= cfg.max_rollbacks:
+            raise Diverged(e.step, e.epoch, e.loss, note=f" after {len(self.rollbacks)} rollback(s) "
+                                                         f"(lr scale {self.lr_scale:g})") from None
+        self.model.load_state_dict(snapshot["model"])
+        self.optimizer.load_state_dict(snapshot["optimizer"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(snapshot["scaler"])
+        self.pos = _Position(**copy.deepcopy(snapshot["position"]))
+        _set_rng_state(snapshot["rng"])
+        self.lr_scale *= cfg.rollback_factor
+        loss = e.loss if math.isfinite(e.loss) else str(e.loss)  # "nan"/"inf": the log stays strict JSON
+        event = {"step": e.step, "epoch": e.epoch + 1, "loss": loss, "resumed_at_step": self.pos.step,
+                 "lr_scale": self.lr_scale, "wall_time": time.perf_counter() - self.start_time}
+        self.rollbacks.append(event)
+        for cb in self.callbacks:
+            cb.on_rollback(self, event)
+
+    def _out_of_steps(self) -> bool:
+        return self.config.max_steps is not None and self.pos.step >= self.config.max_steps
+
+    def _train_epoch(self) -> bool:
+        """Run the rest of the current epoch; False if stopped early (``max_steps`` or a stop request)."""
+        cfg, pos, model = self.config, self.pos, self.step_model
+        loader = self.train_loader
+        loader.set_epoch(pos.epoch)
+        self.model.train()
+        # Running sums of this epoch stay on the device while it runs (no host syncs).
+        run = self._running = _Running.start(pos.tally, self.device)
+        losses = torch.zeros(len(loader), device=self.device)
+        checked = pos.batch
+        check_every = cfg.check_every or (1 if self.device.type == "cpu" else 50)
+        total = self.total_steps
+        try:
+            for x, y in loader.iterate(start=pos.batch):
+                lr = lr_at(cfg, pos.step, total) * self.lr_scale
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                with self.autocast():
+                    out = model(x)
+                    loss = self.criterion(out, y)
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.scaler is None:
+                    loss.backward()
+                    self.optimizer.step()
+                else:
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                loss = loss.detach()
+                losses[pos.batch] = loss
+                run.add(loss, out, y)
+                pos.batch += 1
+                pos.step += 1
+                # A stop request is acted on at once in a single process; processes agree at each check.
+                if pos.batch - checked >= check_every or (self.should_stop and not self.dist.distributed):
+                    self.stopped = self._check(losses, checked, pos.batch)
+                    checked = pos.batch
+                for cb in self.callbacks:
+                    cb.on_step_end(self, loss)
+                if (self._out_of_steps() or self.stopped) and pos.batch < len(loader):
+                    break
+            self.stopped = self._check(losses, checked, pos.batch) or self.stopped
+            pos.tally = run.tally()
+        finally:
+            self._running = None
+        return pos.batch >= len(loader)
+
+    def _check(self, losses: torch.Tensor, start: int, end: int) -> bool:
+        """Raise :class:`Diverged` if a loss in ``losses[start:end]`` is not finite on any process;
+        return whether any process asked to stop."""
+        window = losses[start:end]
+        stop = self.should_stop
+        if self.dist.distributed:  # one small all-reduce: a NaN or inf anywhere spreads to every process
+            flags = torch.cat([window.float(), torch.tensor([float(stop)], device=self.device)])
+            torch.distributed.all_reduce(flags)
+            window, stop = flags[:-1], bool(flags[-1] > 0)
+        if window.numel() and not bool(torch.isfinite(window).all()):
+            first = start + int((~torch.isfinite(window)).nonzero()[0])
+            step = self.pos.step - (self.pos.batch - first)
+            raise Diverged(step + 1, self.pos.epoch, float(window[first - start]))
+        return stop
+
+    def _end_epoch(self) -> dict[str, float]:
+        pos, t = self.pos, self.pos.tally
+        loss_sum, correct, seen = _all_reduce([t["loss_sum"], t["correct"], t["seen"]], self.device)
+        metrics = {
+            "epoch": pos.epoch + 1,
+            "step": pos.step,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "examples_per_sec": seen / max(t["seconds"], 1e-9),
+            "epoch_time": t["seconds"],
+        }
+        if self.test_loader is not None:
+            ev = evaluate(self.eval_model(), self.test_loader, self.criterion, self.autocast)
+            metrics |= {"test_loss": ev["loss"], "test_acc": ev["acc"]}
+        metrics["wall_time"] = time.perf_counter() - self.start_time
+        self.history.append(metrics)
+        self.pos = _Position(epoch=pos.epoch + 1, batch=0, step=pos.step)
+        return metrics
+
+
+@dataclass
+class _Running:
+    """An epoch's running sums while it runs: loss and correct counts on the device, examples and time on the host."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    seen: int
+    seconds: float  # time spent in earlier parts of this epoch (before a resume)
+    t0: float
+
+    @classmethod
+    def start(cls, tally: dict[str, float], device: torch.device) -> _Running:
+        return cls(torch.tensor(float(tally["loss_sum"]), device=device),
+                   torch.tensor(float(tally["correct"]), device=device),
+                   int(tally["seen"]), float(tally["seconds"]), time.perf_counter())
+
+    def add(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss_sum += loss * len(y)
+        self.correct += (out.argmax(1) == y).sum()
+        self.seen += len(y)
+
+    def tally(self) -> dict[str, float]:
+        return {"loss_sum": float(self.loss_sum), "correct": float(self.correct), "seen": self.seen,
+                "seconds": self.seconds + time.perf_counter() - self.t0}
+
+
+@contextmanager
+def stop_on_signals(trainer: Trainer, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
+                    file=None) -> Iterator[list[int]]:
+    """While inside, SIGINT or SIGTERM asks ``trainer`` to stop after the current step (its callbacks then
+    save a checkpoint); a second signal stops at once. Yields the list of signals received.
+
+    Only the main thread can take signals; elsewhere this does nothing.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def handle(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if trainer.should_stop:  # the second one: give up at once
+            for s, h in previous.items():
+                signal.signal(s, h)
+            raise KeyboardInterrupt
+        trainer.should_stop = True
+        if trainer.dist.is_main:
+            print(f"\nnin: {signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                  "(send it again to stop at once)", file=file or sys.stderr, flush=True)
+
+    for s in signals:
+        signal.signal(s, handle)
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _rng_state() -> dict[str, Any]:
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    """Sum ``values`` over all processes of a distributed run (identity otherwise)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: DeviceLoader,
+    criterion: nn.Module | None = None,
+    autocast=nullcontext,
+) -> dict[str, float]:
+    """Mean loss and accuracy of ``model`` over ``loader`` (eval mode, no autograd)."""
+    criterion = criterion or nn.CrossEntropyLoss()
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=loader.device)
+    correct = torch.zeros((), dtype=torch.int64, device=loader.device)
+    n = 0
+    with _FreedMemoryKept(loader.device):  # each batch's activations reuse the last one's memory
+        for x, y in loader:
+            with autocast():
+                out = model(x)
+            loss_sum += criterion(out.float(), y).double() * len(y)
+            correct += (out.argmax(1) == y).sum()
+            n += len(y)
+    model.train(was_training)
+    loss, right, n = _all_reduce([float(loss_sum), float(correct), n], loader.device)
+    return {"loss": loss / max(n, 1), "acc": right / max(n, 1), "n": n}
+
+
