@@ -104,3 +104,49 @@ def test_a_run_directorys_config_json_gives_its_config_part(tmp_path):
     (tmp_path / "plain.json").write_text(json.dumps({"env": {}}))  # not a run's file: env is an unknown setting
     with pytest.raises(NinError, match="unknown RunConfig setting"):
         load_config(tmp_path / "plain.json")
+
+
+# ----------------------------------------------------- one override path, flags derived from the fields
+
+
+def test_override_type_checks_and_copies():
+    from nin.training.config import override, preset
+
+    base = preset("default")
+    cfg = override(base, {"train.milestones": [0.3, 0.6], "train.lr": 1, "data.subset": 100})
+    assert cfg.train.milestones == (0.3, 0.6) and cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert base.train.milestones == (0.5, 0.75) and base.data.subset is None
+    with pytest.raises(NinError, match="train.epochs must be int"):
+        override(base, {"train.epochs": "many"})
+    with pytest.raises(NinError, match="no setting 'data.sbset'; did you mean 'data.subset'"):
+        override(base, {"data.sbset": 1})
+
+
+def test_a_new_model_name_starts_from_no_options():
+    from nin.training.config import override, preset
+
+    cfg = override(preset("default"), {"model.options.width": 0.5})
+    assert override(cfg, {"model.name": "nin_d2l"}).model.options == {}
+    assert override(cfg, {"model.name": "nin28"}).model.options == {"width": 0.5}  # the same model keeps them
+    assert override(cfg, {"model.name": "nin_d2l", "model.options.mlp_layers": 1}).model.options == {"mlp_layers": 1}
+
+
+def test_train_flags_are_derived_from_the_config_fields():
+    """Every field a flag stands for gives it its help text, its parser and its default (None: not given), so a
+    new setting needs one field: the flag below comes from TrainConfig.label_smoothing's declaration."""
+    from dataclasses import fields
+
+    from nin.cli.main import build_parser
+    from nin.cli.options import SETTING, settings_given
+    from nin.training.config import TrainConfig
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    actions = {a.dest: a for a in train._actions}
+    field = next(f for f in fields(TrainConfig) if f.name == "label_smoothing")
+    action = actions[SETTING + "train.label_smoothing"]
+    assert action.help == field.metadata["help"] and action.default is None
+    assert action.option_strings == ["--label-smoothing"]
+    args = train.parse_args(["--label-smoothing", "0.05", "--no-nesterov", "--schedule", "step"])
+    assert settings_given(args) == {"train.label_smoothing": 0.05, "train.nesterov": False, "train.schedule": "step"}
+    assert settings_given(train.parse_args(["--no-download", "--checkpoint-every", "5"])) == {
+        "data.download": False, "checkpoint.every_steps": 5}

@@ -18,12 +18,12 @@ from nin.experiments.study import (
     Study,
     StudyConfig,
     Variant,
-    apply_changes,
     load_records,
     run_study,
     variant_config,
     write_report,
 )
+from nin.training.config import override, preset
 
 CASES = [(s, b, v) for s in STUDIES.values() for b in BUDGETS for v in s.budgets[b].variants]
 
@@ -57,10 +57,12 @@ def test_studies_cover_the_seed_exercises_at_both_budgets():
 
 
 def test_changes_to_unknown_settings_are_refused():
-    with pytest.raises(NinError, match="no setting 'train.lrate'"):
-        apply_changes({"train": {"lr": 0.1}}, {"train.lrate": 0.2})
-    assert apply_changes({"model": {"options": {}}}, {"model.options.width": 0.5}) == {"model": {"options": {
-        "width": 0.5}}}
+    """Studies change settings through the one override path that flags and tuning use."""
+    with pytest.raises(NinError, match="no setting 'train.lrate'; did you mean 'train.lr'"):
+        override(preset("default"), {"train.lrate": 0.2})
+    cfg = override(preset("default"), {"model.options.width": 0.5, "train.lr": 0.1, "seed": 2})
+    assert cfg.model.options == {"width": 0.5} and cfg.train.lr == 0.1 and cfg.seed == 2
+    assert preset("default").train.lr == 0.2  # a copy: the preset is unchanged
 
 
 # ------------------------------------------------------------------ the runner, on a small image folder

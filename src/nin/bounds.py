@@ -70,9 +70,18 @@ def _shown(value: Any) -> str:
 
 
 def bounded(default: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-            hi_open: bool = False) -> Any:
-    """A dataclass field with default ``default`` and a :class:`Range` (None values are not checked)."""
-    return field(default=default, metadata={"range": Range(lo, hi, lo_open, hi_open)})
+            hi_open: bool = False, help: str | None = None, **flag: Any) -> Any:
+    """A dataclass field with default ``default`` and a :class:`Range` (None values are not checked); ``help``
+    and ``flag`` (``flags``, ``metavar``) describe its command-line flag (:mod:`nin.cli.options`)."""
+    return field(default=default, metadata={"range": Range(lo, hi, lo_open, hi_open), "help": help, **flag})
+
+
+def setting(default: Any = None, help: str | None = None, *, factory: Any = None, **flag: Any) -> Any:
+    """A dataclass field that is not a number: its default (or ``factory``), and what its flag says (``help``;
+    ``flags``: the option strings; ``action``: store_true or store_false; ``path``: a file or folder name)."""
+    meta = {"help": help, **flag}
+    return field(default_factory=factory, metadata=meta) if factory is not None else field(default=default,
+                                                                                            metadata=meta)
 
 
 def range_of(cls: type, name: str) -> Range:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from nin.bounds import MAX_IMAGE_SIDE, bounded, check_ranges, setting
 from nin.data import cifar
 from nin.data import idx as data
-from nin.bounds import MAX_IMAGE_SIDE, bounded, check_ranges
 from nin.data.idx import DataError, Split
 from nin.errors import did_you_mean
 
@@ -28,26 +28,38 @@ FOLDER_PREFIX = "folder:"
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion-mnist"  # a name from NAMES, or folder:PATH
-    data_dir: str | None = None
-    download: bool = True
-    verify: bool = True  # check files against their published checksums
-    subset: int | None = bounded(None, 1, 10**9)  # train on a seeded random subset of this many images
-    test_subset: int | None = bounded(None, 1, 10**9)
-    resize: int | None = bounded(None, 1, MAX_IMAGE_SIDE)  # None: the model's own input size
-    normalize: bool = True  # by the training set's mean and std; False: 0-1 scale only
-    whiten: bool = False  # the paper's global contrast normalization and ZCA whitening (instead of normalize)
-    crop_padding: int = bounded(0, 0, 64)  # random translation of up to this many pixels
-    flip: bool = True
-    test_dir: str | None = None  # folder data sets: a separate test folder
-    # folder data sets without test_dir: the share held out for testing (a fixed draw)
-    test_fraction: float = bounded(0.2, 0, 1, lo_open=True, hi_open=True)
-    skip_bad_images: bool = False  # folder data sets: leave undecodable files out (listed) instead of failing
-    # folder data sets: an image of more pixels is refused before it is decoded (None: folder.MAX_PIXELS)
-    max_pixels: int | None = bounded(None, 1, 2**31)
-    # Hold out this many training images (a fixed draw, the same for every seed) and evaluate on them
-    # instead of the test split: a validation set for tuning, so the test set is never used to choose.
-    holdout: int | None = bounded(None, 1, 10**9)
+    dataset: str = setting("fashion-mnist", "fashion-mnist, mnist, cifar10, cifar100, or folder:PATH (one "
+                                            "sub-folder per class)", flags=("--dataset", "--data"), path=True)
+    data_dir: str | None = setting(None, "directory holding the data files, the only place looked (also "
+                                         "NIN_DATA_DIR); it must exist", path=True)
+    download: bool = setting(True, "never download; fail if the files are not found", flags=("--no-download",),
+                             action="store_false")
+    verify: bool = setting(True, "accept files whose checksum differs from the published one (shapes and labels "
+                                 "are still checked)", flags=("--no-checksum",), action="store_false")
+    subset: int | None = bounded(None, 1, 10**9, help="train on a seeded random subset of N images")
+    test_subset: int | None = bounded(None, 1, 10**9, help="evaluate on a seeded random subset of N images")
+    # None: the model's own input size
+    resize: int | None = bounded(None, 1, MAX_IMAGE_SIDE, help="input resolution (default: the model's)")
+    # False: 0-1 scale only
+    normalize: bool = setting(True, "normalize by training mean/std")
+    whiten: bool = setting(False, "the paper's global contrast normalization and ZCA whitening, fitted on the "
+                                  "training set")
+    crop_padding: int = bounded(0, 0, 64, help="random translation of up to N pixels")
+    flip: bool = setting(True, "random horizontal flips")
+    test_dir: str | None = setting(None, "folder data: a test folder with the same class sub-folders", path=True)
+    test_fraction: float = bounded(0.2, 0, 1, lo_open=True, hi_open=True,
+                                   help="folder data without --test-dir: seeded share of each class held out "
+                                        "(default 0.2)")
+    skip_bad_images: bool = setting(False, "folder data: leave out files that cannot be decoded (they are listed) "
+                                           "instead of failing", action="store_true")
+    # None: folder.MAX_PIXELS
+    max_pixels: int | None = bounded(None, 1, 2**31, metavar="N",
+                                     help="refuse images of more than N pixels before decoding them (default "
+                                          "67,108,864: a 64-megapixel photo); raise it for larger images")
+    # A fixed draw, the same for every seed, so the test set is never used to choose settings.
+    holdout: int | None = bounded(None, 1, 10**9, help="evaluate on N training images held out (the same N for "
+                                                       "every seed) instead of the test split: a validation set "
+                                                       "for choosing settings")
 
     def validate(self) -> None:
         check_ranges(self)

@@ -17,7 +17,6 @@ and ``study.json`` (the study, its budget and the environment).
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import json
 import math
@@ -208,22 +207,6 @@ def get_study(name: str) -> Study:
 # ------------------------------------------------------------------ configs
 
 
-def apply_changes(config: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a RunConfig dict with dotted-path ``changes`` applied (``model.options.*`` may be new keys)."""
-    out = copy.deepcopy(config)
-    for path, value in changes.items():
-        *parents, key = path.split(".")
-        node = out
-        for p in parents:
-            if not isinstance(node.get(p), dict):
-                raise NinError(f"no setting {path!r}")
-            node = node[p]
-        if key not in node and parents[-1:] != ["options"]:
-            raise NinError(f"no setting {path!r}")
-        node[key] = value
-    return out
-
-
 @dataclass
 class StudyConfig:
     """How to run a study: which budget, and what to change about it."""
@@ -250,7 +233,7 @@ class StudyConfig:
 
 def variant_config(study: Study, sc: StudyConfig, variant: Variant, seed: int):
     """The exact RunConfig of one run."""
-    from nin.training.config import RunConfig, preset
+    from nin.training.config import override, preset
 
     b = sc.budget_of(study)
     changes: dict[str, Any] = {**b.base, **variant.changes, "seed": seed, "device": sc.device,
@@ -260,7 +243,7 @@ def variant_config(study: Study, sc: StudyConfig, variant: Variant, seed: int):
     if sc.subset is not None:
         changes["data.subset"] = sc.subset
     changes.update(sc.extra)
-    return RunConfig.from_dict(apply_changes(preset(b.preset).to_dict(), changes))
+    return override(preset(b.preset), changes)
 
 
 # ------------------------------------------------------------------ running

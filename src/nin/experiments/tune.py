@@ -24,7 +24,6 @@ the tuning's ``subset`` budget), is written to ``<out>/best.yaml`` for ``nin tra
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import json
 import math
@@ -44,7 +43,7 @@ from nin.atomic import write_text
 from nin.errors import NinError
 from nin.training import run, runtime
 from nin.training.callbacks.base import Callback
-from nin.training.config import RunConfig, TrainConfig
+from nin.training.config import RunConfig, TrainConfig, override
 from nin.training.trainer import Diverged, Trainer
 
 DEFAULT_HOLDOUT = 5000  # validation images, at most a tenth of the training split
@@ -214,8 +213,7 @@ def cores() -> int:
 
 def with_params(cfg: RunConfig, params: dict[str, Any]) -> RunConfig:
     """A copy of ``cfg`` with the searched train settings set."""
-    cfg = copy.deepcopy(cfg)
-    return replace(cfg, train=replace(cfg.train, **params))
+    return override(cfg, {f"train.{k}": v for k, v in params.items()})
 
 
 def _jsonable(x: Any) -> Any:

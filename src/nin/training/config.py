@@ -32,15 +32,16 @@ import copy
 import json
 import os
 import types
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 
-from nin.bounds import bounded, check_ranges
+from nin.bounds import bounded, check_ranges, setting
 from nin.data import DataConfig
-from nin.errors import NinError
+from nin.errors import NinError, did_you_mean
 from nin.files import read_regular_text
 from nin.models import DEFAULT_MODEL
 from nin.training.precision import AMP_MODES, amp_choice
@@ -50,35 +51,46 @@ from nin.training.precision import AMP_MODES, amp_choice
 class TrainConfig:
     """Optimization settings. Defaults are the fast CPU recipe for ``nin28``."""
 
-    epochs: int = bounded(3, 1, 10**6)
-    batch_size: int = bounded(128, 1, 2**20)
-    lr: float = bounded(0.2, 0, lo_open=True)  # peak learning rate: any above 0 (diverging is one of the exercises)
-    momentum: float = bounded(0.9, 0, 1, hi_open=True)
-    nesterov: bool = True
-    weight_decay: float = bounded(5e-4, 0, 1)
-    schedule: Literal["constant", "cosine", "onecycle", "step"] = "onecycle"
-    warmup: float = bounded(0.2, 0, 1, hi_open=True)  # fraction of all steps spent warming up (cosine, onecycle, step)
-    # step: fractions of all steps where the lr is multiplied by gamma
-    milestones: tuple[float, ...] = bounded((0.5, 0.75), 0, 1, lo_open=True, hi_open=True)
-    gamma: float = bounded(0.1, 0, 1, lo_open=True)
-    label_smoothing: float = bounded(0.1, 0, 1, hi_open=True)
+    epochs: int = bounded(3, 1, 10**6, help="passes over the training set")
+    batch_size: int = bounded(128, 1, 2**20, help="training images per step")
+    # any above 0: diverging is one of the exercises
+    lr: float = bounded(0.2, 0, lo_open=True, help="peak learning rate")
+    momentum: float = bounded(0.9, 0, 1, hi_open=True, help="SGD momentum")
+    nesterov: bool = setting(True, "Nesterov momentum")
+    weight_decay: float = bounded(5e-4, 0, 1, help="L2 weight decay")
+    schedule: Literal["constant", "cosine", "onecycle", "step"] = setting("onecycle", "learning-rate schedule")
+    warmup: float = bounded(0.2, 0, 1, hi_open=True, help="fraction of steps spent warming up (cosine, onecycle, "
+                                                          "step)")
+    milestones: tuple[float, ...] = bounded((0.5, 0.75), 0, 1, lo_open=True, hi_open=True,
+                                            help="step schedule: fractions of the run where the lr drops, e.g. "
+                                                 "0.5,0.75")
+    gamma: float = bounded(0.1, 0, 1, lo_open=True, help="step schedule: factor applied at each milestone "
+                                                          "(default 0.1)")
+    label_smoothing: float = bounded(0.1, 0, 1, hi_open=True, help="cross-entropy label smoothing")
     # Speed. "auto"/None pick per device (see resolved() and amp_choice()): on CUDA, bf16 where the GPU has
     # it natively (compute capability 8.0+), else fp16 with a gradient scaler, plus channels_last and compile;
     # on a CPU, bf16 only where oneDNN runs it natively, channels_last always, no compile.
-    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
-    channels_last: bool | None = None
-    compile: bool | None = None
-    fused: bool = True  # fused SGD step (one kernel for all parameters); False: the per-parameter loop
-    fold_bn: bool = True  # evaluate with BatchNorm folded into the convolutions
-    max_steps: int | None = bounded(None, 1, 10**12)  # stop early (smoke runs); the schedule still spans all epochs
-    eval_batch_size: int = bounded(1000, 1, 2**20)
+    amp: Literal["auto", "none", "bf16", "fp16"] = setting(
+        "auto", "mixed precision; auto (default): bf16 where the device runs it natively (GPUs of compute capability "
+                "8.0+, CPUs with AVX512-BF16 or AMX), fp16 with a gradient scaler on older GPUs, else none (fp32); "
+                "`nin doctor` says what it picks here and why")
+    channels_last: bool | None = setting(None, "NHWC memory format (default on)")
+    compile: bool | None = setting(None, "torch.compile the model (default: on for CUDA, off on CPUs)")
+    # False: the per-parameter loop
+    fused: bool = setting(True, "fused optimizer step: one kernel for all parameters (default on)")
+    fold_bn: bool = setting(True, "evaluate with BatchNorm folded into the convolutions (default on)")
+    # the schedule still spans all epochs
+    max_steps: int | None = bounded(None, 1, 10**12, help="stop after N optimizer steps (smoke runs)")
+    eval_batch_size: int = bounded(1000, 1, 2**20, help="test images per evaluation batch")
     # steps between loss finiteness checks; None: 1 on CPU, 50 on GPU (each syncs)
     check_every: int | None = bounded(None, 1, 10**6)
     # A non-finite loss: "stop" raises Diverged; "rollback" restores the state at the start of the epoch,
     # multiplies the learning rate by rollback_factor from then on, and redoes the epoch (at most max_rollbacks).
-    on_diverge: Literal["stop", "rollback"] = "stop"
-    rollback_factor: float = bounded(0.5, 0, 1, lo_open=True, hi_open=True)
-    max_rollbacks: int = bounded(3, 1, 100)
+    on_diverge: Literal["stop", "rollback"] = setting(
+        "stop", "a NaN/inf loss: stop (default), or roll back to the epoch's start with a lower lr")
+    rollback_factor: float = bounded(0.5, 0, 1, lo_open=True, hi_open=True,
+                                     help="rollback: multiply the lr by this (default 0.5)")
+    max_rollbacks: int = bounded(3, 1, 100, help="rollback: give up after N (default 3)")
     # Distributed runs only: BatchNorm statistics over the global batch (SyncBatchNorm) rather than each
     # process's slice. None: on for GPUs; PyTorch's SyncBatchNorm does not run on CPUs.
     sync_bn: bool | None = None
@@ -113,16 +125,21 @@ class TrainConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = DEFAULT_MODEL
+    name: str = setting(DEFAULT_MODEL, "registered model name (see `nin models`)", flags=("--model",))
     options: dict[str, Any] = field(default_factory=dict)  # create_model overrides
-    init: str = "kaiming"  # applied once, when the model is first built
+    # applied once, when the model is first built
+    init: Literal["xavier", "kaiming", "default"] = setting("kaiming", "weight initialization")
 
 
 @dataclass
 class CheckpointConfig:
     # also save every N steps inside an epoch (besides each epoch's end)
-    every_steps: int | None = bounded(None, 1, 10**12)
-    keep_last: int = bounded(3, 0, 10**6)  # newest checkpoints kept (0: all); the best one is kept as well
+    every_steps: int | None = bounded(None, 1, 10**12, flags=("--checkpoint-every",), metavar="N",
+                                      help="also save a checkpoint every N steps inside an epoch (default: at "
+                                           "each epoch's end only)")
+    keep_last: int = bounded(3, 0, 10**6, metavar="N",
+                             help="keep the newest N checkpoints (default 3; 0 keeps all); the best one is always "
+                                  "kept")
 
     def validate(self) -> None:
         check_ranges(self)
@@ -134,8 +151,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    seed: int = bounded(0, 0, 2**32 - 1)
-    device: str = "auto"
+    seed: int = bounded(0, 0, 2**32 - 1, help="seed of the weights, the data order and the augmentation")
+    device: str = setting("auto", "auto, cpu or cuda[:N] (default auto)")
 
     def validate(self) -> None:
         """Every setting against its range (the flags are checked as they are parsed; a config file here)."""
@@ -233,6 +250,40 @@ def preset(name: str) -> RunConfig:
     if name not in PRESETS:
         raise NinError(f"unknown preset {name!r} (available: {', '.join(PRESETS)})")
     return copy.deepcopy(PRESETS[name])
+
+
+def setting_paths(cls: type = None, prefix: str = "") -> list[str]:
+    """Every dotted setting of a :class:`RunConfig` (``"train.lr"``, ``"seed"``, ...), as :func:`override` takes
+    them; ``model.options.*`` take any option name the model accepts."""
+    cls = cls or RunConfig
+    paths = []
+    for f in fields(cls):
+        default = getattr(cls(), f.name)
+        paths += setting_paths(type(default), f"{prefix}{f.name}.") if is_dataclass(default) else [prefix + f.name]
+    return paths
+
+
+def override(cfg: RunConfig, changes: Mapping[str, Any]) -> RunConfig:
+    """A copy of ``cfg`` with dotted-path ``changes`` applied: ``{"train.lr": 0.1, "seed": 1,
+    "model.options.width": 0.5}``. The one way settings are changed, by flags, studies and tuning alike.
+
+    Each value is type-checked as :meth:`RunConfig.from_dict` does (a list for a tuple, an int for a float);
+    an unknown setting is a one-line error with a suggestion. A new ``model.name`` starts from no options, as
+    another model's options would not fit it. Ranges are checked once, by :meth:`RunConfig.validate`.
+    """
+    doc = cfg.to_dict()
+    known = setting_paths()
+    if "model.name" in changes and changes["model.name"] != doc["model"]["name"]:
+        doc["model"]["options"] = {}
+    for path, value in changes.items():
+        *parents, key = path.split(".")
+        if path not in known and parents[:2] != ["model", "options"]:
+            raise NinError(f"no setting {path!r}{did_you_mean(path, known)}")
+        node = doc
+        for p in parents:
+            node = node[p]
+        node[key] = list(value) if isinstance(value, tuple) else value
+    return RunConfig.from_dict(doc)
 
 
 def load_run_config(run_dir: Path) -> RunConfig:

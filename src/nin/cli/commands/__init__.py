@@ -1,0 +1,1 @@
+"""One module per group of commands: each adds its parsers (``add_parsers``) and holds their handlers."""

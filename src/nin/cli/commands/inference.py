@@ -1,0 +1,189 @@
+"""``nin predict``, ``nin cam``, ``nin export``, ``nin evaluate``: using a trained run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from nin.bounds import Range, flag_type
+from nin.cli.options import CAM_GRID, MAX_PIXELS_HELP, _add_checkpoint, _path, _ranged
+from nin.errors import NinError
+
+EXIT_USAGE = 2
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("predict", help="classify image files with a trained model: top-k classes and probabilities",
+                       description="Classify PNG/JPEG files (any size and mode) or folders of them. Each image is "
+                                   "decoded and normalized exactly as the run's training images were.")
+    _add_checkpoint(p)
+    p.add_argument("images", nargs="+", type=_path, metavar="IMAGE", help="image files or folders")
+    p.add_argument("--max-pixels", type=_ranged("data.max_pixels", int), metavar="N", help=MAX_PIXELS_HELP)
+    p.add_argument("--top-k", type=flag_type(Range(1, 100_000), int), default=5,
+                   help="classes to show per image (default 5)")
+    p.add_argument("--batch-size", type=_ranged("train.batch_size", int), default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="one JSON document: predictions and per-file errors")
+
+    p = sub.add_parser("cam", help="class activation maps of a trained NiN over image files or test images (PNG)",
+                       description="Overlay each image with the class maps of its top-k classes: channel k of a "
+                                   "NiN's last block, whose mean is class k's logit, upsampled to the image.")
+    _add_checkpoint(p)
+    p.add_argument("images", nargs="*", type=_path, metavar="IMAGE", help="image files or folders (or use --grid)")
+    p.add_argument("--top-k", type=flag_type(Range(1, 100_000), int), help="classes per image (default 3)")
+    p.add_argument("--max-pixels", type=_ranged("data.max_pixels", int), metavar="N", help=MAX_PIXELS_HELP)
+    p.add_argument("--grid", type=flag_type(CAM_GRID, int), metavar="N",
+                   help="the first N images of the run's test split, each with its top class and true class")
+    p.add_argument("--data-dir", type=_path, help="directory holding the data files (--grid)")
+    p.add_argument("--out", type=_path, default="cam.png", help="PNG to write (default cam.png); never replaced "
+                                                                "unless --force")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("export", help="export a trained model to ONNX or TorchScript, verified against PyTorch",
+                       description="Export the model with its normalization and BatchNorm folded in: input 0-1 "
+                                   "float images [N, C, H, W] at the model's size, any N; output logits. The file "
+                                   "is run on real test images and its logits compared with PyTorch's before it "
+                                   "is kept.")
+    _add_checkpoint(p)
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--out", type=_path, help="file to write (default: RUN/MODEL-CHECKPOINT.onnx or .pt), and OUT.json; "
+                                             "never replaced unless --force")
+    p.add_argument("--force", action="store_true", help="replace --out and OUT.json if they exist")
+    p.add_argument("--tolerance", type=flag_type(Range(0, 1, lo_open=True)), default=1e-4,
+                   help="largest allowed logit difference (default 1e-4)")
+    p.add_argument("--data-dir", type=_path, help="directory holding the data files (for the verification images)")
+
+    p = sub.add_parser("evaluate", help="test accuracy, per-class accuracy and a confusion matrix")
+    _add_checkpoint(p)
+    p.add_argument("--data-dir", type=_path, help="directory holding the data files")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=_ranged("train.batch_size", int), default=1000)
+    p.add_argument("--out", type=_path, help="folder to write confusion.png and evaluation.json in (default: the "
+                                             "checkpoint's); existing ones are never replaced unless --force")
+    p.add_argument("--force", action="store_true", help="replace confusion.png and evaluation.json if they exist")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Exit 0: every file classified; 1: some files could not be read (each named on stderr); 2: none could."""
+    from nin.inference.predict import predict_files
+    from nin.inference.trained import load_trained
+
+    trained = load_trained(args.checkpoint, args.device)
+    preds, bad = predict_files(trained, args.images, args.top_k, args.batch_size, max_pixels=args.max_pixels)
+    if args.json:
+        print(json.dumps({"checkpoint": str(trained.path), "model": trained.name,
+                          "predictions": [p.to_dict() for p in preds],
+                          "errors": [{"file": str(f), "error": why} for f, why in bad]}, indent=1))
+    else:
+        for p in preds:
+            print(f"{p.file}: " + ", ".join(f"{c} {prob:.3f}" for c, prob in p.top))
+    for f, why in bad:
+        print(f"nin: error: {f}: {why}", file=sys.stderr)
+    if not preds:
+        return EXIT_USAGE
+    return 1 if bad else 0
+
+
+def cmd_cam(args: argparse.Namespace) -> int:
+    from nin.atomic import refuse_existing
+    from nin.inference.cam import cam_panels, check_cam_model, plot_cams
+    from nin.inference.predict import decode, expand
+    from nin.inference.trained import load_trained
+
+    if bool(args.images) == bool(args.grid):
+        raise NinError("cam: give IMAGE files or --grid N, not both or neither")
+    if args.data_dir and not args.grid:
+        raise NinError("cam: --data-dir is where --grid finds the test images; IMAGE files do not use it")
+    if args.grid and args.top_k is not None:
+        raise NinError("cam: --grid shows each image's top class; --top-k is for IMAGE files")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise NinError(f"--out must be a .png file, got {out}")
+    refuse_existing(out, force=args.force)  # before minutes of work, not after
+    t = load_trained(args.checkpoint, args.device)
+    check_cam_model(t.model)
+    bad = []
+    if args.grid:
+        test = _test_split(t, args.data_dir)
+        n = min(args.grid, len(test.images))
+        rows = cam_panels(t, test.images[:n], 1, test.labels[:n])
+        per_row = 8
+        flat = [r[0] for r in rows]
+        panels = [flat[i:i + per_row] for i in range(0, len(flat), per_row)]
+        title = f"{t.name}: top class map of {n} test images"
+    else:
+        images, good, bad = decode(expand(args.images), *t.stored_shape(), max_pixels=args.max_pixels)
+        for f, why in bad:
+            print(f"nin: error: {f}: {why}", file=sys.stderr)
+        if not good:
+            return EXIT_USAGE
+        top_k = args.top_k or 3
+        panels = cam_panels(t, images, top_k)
+        title = f"{t.name}: class maps of the top {min(top_k, len(t.classes))} classes"
+    plot_cams(panels, out, title, exclusive=not args.force)
+    print(f"wrote {out}")
+    return 1 if bad else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from nin.inference.export import FORMATS, export, sample_inputs
+    from nin.inference.trained import load_trained
+
+    t = load_trained(args.checkpoint, "cpu")
+    out = Path(args.out) if args.out else t.path.parent.parent / f"{t.name}-{t.path.name}{FORMATS[args.format]}"
+    if args.data_dir:
+        t.config.data.data_dir = args.data_dir
+    result = export(t, args.format, out, sample_inputs(t), args.tolerance, force=args.force)
+    print(f"wrote {result.path} ({args.format}, input images [N, {', '.join(map(str, t.model.input_size))}] "
+          f"scaled 0-1, output logits [N, {len(t.classes)}])")
+    print(f"verified: max |logit difference| {result.max_abs_diff:.2e} against PyTorch on real test images at batch "
+          f"sizes {' and '.join(map(str, result.batch_sizes))} (tolerance {args.tolerance:g})")
+    return 0
+
+
+def _test_split(t, data_dir: str | None):
+    """The run's test split, checked to have the classes the model was trained on (an image folder may have
+    changed since)."""
+    test = t.test_split(data_dir)
+    if list(test.classes) != list(t.classes):
+        raise NinError(f"{test.images_path}: the test images have classes {', '.join(test.classes)}; the model was "
+                       f"trained on {', '.join(t.classes)}")
+    return test
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from nin.atomic import atomic_paths, refuse_existing
+    from nin.inference.evaluate import confusion_matrix, predict
+    from nin.inference.trained import load_trained
+    from nin.plots import plot_confusion
+
+    t = load_trained(args.checkpoint, args.device)
+    model, path, name, dataset, classes = t.model, t.path, t.name, t.dataset, t.classes
+    out = Path(args.out) if args.out else path
+    png, doc = out / "confusion.png", out / "evaluation.json"
+    refuse_existing(png, doc, force=args.force)
+    test = _test_split(t, args.data_dir)
+    preds, truth = predict(model, t.loader(test.images, test.labels, args.batch_size))
+    k = len(classes)
+    cm = confusion_matrix(preds, truth, k)
+    per_class = (cm.diag().double() / cm.sum(1).clamp(min=1)).tolist()
+    acc = float(cm.diag().sum()) / max(int(cm.sum()), 1)
+    result = {"checkpoint": str(path), "model": name, "dataset": dataset, "examples": int(cm.sum()),
+              "test_acc": acc, "per_class_acc": dict(zip(classes, per_class)), "confusion": cm.tolist(),
+              "confusion_png": str(png)}
+    with atomic_paths(png, doc, exclusive=not args.force) as (tmp_png, tmp_json):  # both files or neither
+        plot_confusion(cm, classes, tmp_png, title=f"{name}: test acc {acc:.4f}")
+        tmp_json.write_text(json.dumps(result, indent=1))
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"{name} on {dataset} test ({int(cm.sum()):,} images): accuracy {acc:.4f}")
+    for c, a in zip(classes, per_class):
+        print(f"  {c:<14}{a:.4f}")
+    print(f"confusion matrix: {png}")
+    return 0
