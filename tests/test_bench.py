@@ -52,6 +52,7 @@ def test_process_age_counts_from_process_start():
     assert 0 < process_age() < 24 * 3600
 
 
+@pytest.mark.slow
 def test_a_tiny_run_reports_every_figure(one_thread):
     lines: list[str] = []
     out = run_bench(BenchConfig(model="nin28", batch_size=16, **TINY), report=lines.append)
@@ -82,6 +83,7 @@ def test_ablation_flips_each_switch_once(one_thread):
     assert _flipped("compile", False) == ("compile on", True) and _flipped("amp", "fp16") == ("amp none", "none")
 
 
+@pytest.mark.slow
 def test_ablation_of_chosen_switches_flips_from_the_resolved_value(one_thread):
     out = run_bench(BenchConfig(model="nin28", batch_size=16, channels_last=False, **TINY),
                     ablate=["channels_last"], report=lambda _: None)
@@ -91,6 +93,7 @@ def test_ablation_of_chosen_switches_flips_from_the_resolved_value(one_thread):
         run_bench(BenchConfig(model="nin28", **TINY), ablate=["warp"], report=lambda _: None)
 
 
+@pytest.mark.slow
 def test_baseline_runs_side_by_side_and_prints_ratios(one_thread):
     lines: list[str] = []
     out = run_bench(BenchConfig(model="nin_d2l", size=96, batch_size=4, workers=0, **TINY), baseline=True,
@@ -115,6 +118,7 @@ def test_bad_settings_are_one_clear_error(bad, match):
         run_bench(BenchConfig(**{**TINY, **bad}), report=lambda _: None)
 
 
+@pytest.mark.slow
 def test_time_to_accuracy_reports_when_targets_are_reached(fashion_mnist, one_thread):
     cfg = preset("default")
     cfg.data.subset, cfg.data.test_subset, cfg.train.epochs = 2000, 1000, 2
@@ -128,6 +132,7 @@ def test_time_to_accuracy_reports_when_targets_are_reached(fashion_mnist, one_th
     assert any("99.90%: not reached" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_cli_bench_json(capsys, one_thread):
     code = main(["bench", "--model", "nin28", "--batch-size", "8", "--steps", "1", "--repeats", "1",
                  "--latency-runs", "1", "--data", "synthetic", "--json", "--no-channels-last"])

@@ -47,6 +47,7 @@ def is_png(path):
     return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_cam_grid_and_files_write_a_png(run_dir, tmp_path, capsys):
     grid = tmp_path / "grid.png"
     assert main(["cam", str(run_dir), "--grid", "10", "--out", str(grid)]) == 0

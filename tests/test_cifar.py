@@ -177,6 +177,7 @@ def test_download_is_verified_before_it_is_kept(tmp_path, c10):
     assert not (bad / CIFAR10.archive).exists()
 
 
+@pytest.mark.slow
 def test_preset_nin_cifar10_is_the_papers_recipe_and_trains_on_a_cifar_archive(capsys, tmp_path, c10):
     from nin.training.config import preset
 

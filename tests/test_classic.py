@@ -26,6 +26,7 @@ def test_every_classic_model_has_recorded_counts():
     assert set(COUNTS) == set(list_models("classic"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(COUNTS))
 def test_parameter_counts_and_first_fully_connected_layer(name):
     model = create_model(name)
@@ -71,6 +72,7 @@ def test_a_spec_builds_with_the_flatten_size_worked_out_in_advance():
     assert model(torch.randn(2, 2, 10, 6)).shape == (2, 3)
 
 
+@pytest.mark.slow
 def test_lenet_trains_like_any_model_and_learns(tmp_path, fashion_mnist):
     from nin.inference.trained import load_trained
     from nin.training.config import preset
@@ -86,6 +88,7 @@ def test_lenet_trains_like_any_model_and_learns(tmp_path, fashion_mnist):
     assert n_params(load_trained(result.checkpoint).model) == COUNTS["lenet"][0]
 
 
+@pytest.mark.slow
 def test_a_resized_classic_model_is_built_for_the_new_size_and_reloads(tmp_path, fashion_mnist):
     from nin.inference.trained import load_trained
     from nin.training.config import preset

@@ -40,6 +40,7 @@ def assert_one_line_error(code, err, *needles):
 # ---------------------------------------------------------------------- inspect
 
 
+@pytest.mark.slow
 def test_models_lists_the_registry(capsys):
     code, out, _ = run(capsys, "models", "--json")
     rows = {r["name"]: r for r in json.loads(out)}
@@ -160,6 +161,7 @@ def test_cuda_without_a_gpu_is_a_user_error(capsys, tmp_path):
     assert_one_line_error(code, err, "CUDA is not available")
 
 
+@pytest.mark.slow
 def test_errors_from_a_subprocess_have_no_traceback():
     p = subprocess.run([sys.executable, "-m", "nin", "train", "--batch-size", "-3"], capture_output=True, text=True)
     assert p.returncode == 2 and p.stdout == ""
@@ -167,6 +169,7 @@ def test_errors_from_a_subprocess_have_no_traceback():
     assert p.stderr.strip().splitlines() == [expected]
 
 
+@pytest.mark.slow
 def test_module_entry_point_prints_shapes():
     p = subprocess.run([sys.executable, "-m", "nin", "shapes", "nin_d2l"], capture_output=True, text=True)
     assert p.returncode == 0 and "10x1x1" in p.stdout
@@ -185,6 +188,7 @@ def test_d2l_preset_is_the_seed_recipe():
     assert not t.nesterov and t.amp == "none"
 
 
+@pytest.mark.slow
 def test_d2l_preset_runs_and_prints_the_seed_summary(capsys, tmp_path, fashion_mnist):
     code, out, err = run(capsys, "train", "--preset", "d2l", "--subset", "128", "--test-subset", "64",
                          "--batch-size", "64", "--epochs", "1", "--out", str(tmp_path / "d2l"), "--quiet")
@@ -205,6 +209,7 @@ def smoke_run(tmp_path_factory, fashion_mnist):
     return out
 
 
+@pytest.mark.slow
 def test_train_writes_metrics_curves_config_and_a_checkpoint(smoke_run):
     rows = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["epoch"] == 1 and 0 <= rows[0]["test_acc"] <= 1
@@ -218,6 +223,7 @@ def test_train_writes_metrics_curves_config_and_a_checkpoint(smoke_run):
     assert (smoke_run / "checkpoints" / "best").resolve() == ck.resolve()  # the only epoch is the best so far
 
 
+@pytest.mark.slow
 def test_evaluate_reports_per_class_accuracy_and_a_confusion_png(capsys, smoke_run, tmp_path):
     code, out, err = run(capsys, "evaluate", str(smoke_run), "--json", "--out", str(tmp_path))
     assert code == 0, err
@@ -241,6 +247,7 @@ def test_resume_refuses_changed_settings(capsys, smoke_run):
     assert_one_line_error(code, err, "--lr")
 
 
+@pytest.mark.slow
 def test_stop_early_then_resume_continues_the_run(capsys, tmp_path, fashion_mnist):
     out = tmp_path / "run"
     code, stdout, err = run(capsys, "train", *SMOKE, "--max-steps", "3", "--out", str(out))
@@ -275,6 +282,7 @@ def test_an_unwritable_run_directory_is_one_line(capsys, tmp_path):
     assert blocker.read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_on_diverge_rollback_logs_each_rollback_then_stops_with_one_line(capsys, tmp_path, fashion_mnist):
     # lr 1000 without BatchNorm: the loss is NaN within a few steps, every time
     run = tmp_path / "run"

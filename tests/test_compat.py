@@ -54,6 +54,7 @@ def test_an_old_run_loads(old_run):
     assert t.model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_an_old_run_evaluates_as_the_old_version_did(old_run, fashion_mnist, tmp_path, capsys):
     """The same test accuracy and confusion matrix as nin 0.1.0's own ``nin evaluate``: to the image here, and
     within a handful of the 10,000 images on another CPU, whose fp32 kernels may round a near-tie otherwise."""
@@ -73,6 +74,7 @@ def test_an_old_run_predicts(old_run, tmp_path, capsys):
     assert capsys.readouterr().out.startswith(f"{img}: ")
 
 
+@pytest.mark.slow
 def test_an_old_run_resumes(old_run, fashion_mnist, capsys):
     assert main(["train", "--resume", str(old_run), "--epochs", "2", "--quiet", "--threads", "1"]) == 0
     assert [p.name for p in ckpt.list_checkpoints(old_run)][-1] == "step-0000032"

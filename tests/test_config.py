@@ -55,6 +55,7 @@ def test_every_preset_survives_the_json_round_trip():
         assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
+@pytest.mark.slow
 def test_a_run_repeats_from_its_config_json_and_flags_override_the_file(capsys, tmp_path, fashion_mnist):
     (tmp_path / "c.toml").write_text('[data]\nsubset = 256\ntest_subset = 200\n[train]\nepochs = 1\nbatch_size = 64\n')
     first = tmp_path / "first"

@@ -34,6 +34,7 @@ def make_folder(root: Path, per_class: int = 12, bad: bool = False) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_a_folder_of_mixed_images_trains_evaluates_and_reports_its_classes(capsys, tmp_path):
     root = make_folder(tmp_path / "imgs")
     out = tmp_path / "run"
@@ -69,6 +70,7 @@ def test_an_undecodable_image_fails_by_name_or_is_skipped_and_listed(capsys, tmp
     assert [Path(s["file"]).name for s in doc["skipped_images"]] == ["broken.png"]
 
 
+@pytest.mark.slow
 def test_whitening_is_fitted_saved_with_the_run_and_used_by_evaluate(capsys, tmp_path):
     root = make_folder(tmp_path / "imgs")
     out = tmp_path / "run"

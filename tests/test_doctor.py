@@ -220,12 +220,14 @@ def test_threads_are_what_configure_runtime_would_set(monkeypatch, capsys, stub_
     assert nin.training.runtime.compute_threads(3) == 3
 
 
+@pytest.mark.slow
 def test_datasets_section_is_what_nin_datasets_reports():
     from nin.data import status
 
     assert doctor.collect("cpu", measure=False)["datasets"] == status(None)
 
 
+@pytest.mark.slow
 def test_measurements_are_positive_and_quick(monkeypatch, capsys, stub_datasets):
     """On nin's compute threads (one here, where this process may run on one CPU), and torch's are put back."""
     import nin.training.runtime
@@ -242,6 +244,7 @@ def test_measurements_are_positive_and_quick(monkeypatch, capsys, stub_datasets)
     assert "GFLOP/s" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_slow_dtype_stays_inside_the_probe_budget(monkeypatch):
     """Where every product is slow (bf16 emulated at a few GFLOP/s), the budget, not the size, ends the probe."""
     monkeypatch.setattr(bench, "sync", lambda device: time.sleep(0.05))

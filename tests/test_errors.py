@@ -265,6 +265,7 @@ def test_a_setting_the_data_refutes_leaves_no_run_folder(capsys, tmp_path, image
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_model_for_other_channels_than_the_data_is_one_line(capsys, tmp_path, fashion_mnist):
     code, out, err = run(capsys, "train", "--in-channels", "3", "--subset", "64", "--test-subset", "32",
                          "--out", tmp_path / "run", "--quiet")
@@ -317,6 +318,7 @@ def test_a_config_file_with_an_unknown_model_option_is_one_line(capsys, tmp_path
 # ---------------------------------------------------------------------- mismatched input shapes
 
 
+@pytest.mark.slow
 def test_images_of_any_channels_and_size_are_converted_for_predict_and_cam(capsys, tmp_path, trained, pictures):
     files = [pictures["rgb"], pictures["tiny"], pictures["rgba"]]
     code, out, err = run(capsys, "predict", trained, *files, "--json", "--device", "cpu")
@@ -454,6 +456,7 @@ def fake_study(out: Path) -> None:
     (out / "results.jsonl").write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how,names,named", [
     ("fsync", ["study.json"], "study.json"),
     ("fsync", ["report.md"], "report.md"),
@@ -497,6 +500,7 @@ def test_a_full_disk_while_recording_a_studys_run_keeps_whole_lines(monkeypatch,
     assert load_records(tmp_path) == [{"seed": 0}, {"seed": 3}]  # not glued to the torn line
 
 
+@pytest.mark.slow
 def test_a_full_disk_when_tune_writes_best_yaml_keeps_the_trials(capsys, monkeypatch, tmp_path, images):
     optuna = pytest.importorskip("optuna")
     out = tmp_path / "tune"
@@ -509,6 +513,7 @@ def test_a_full_disk_when_tune_writes_best_yaml_keeps_the_trials(capsys, monkeyp
     assert [t.state.name for t in study.trials] == ["COMPLETE"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_behind_stdout_is_one_line_without_a_traceback(trained, pictures):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
                                                         os.environ.get("PYTHONPATH", "")])}
@@ -519,6 +524,7 @@ def test_a_full_disk_behind_stdout_is_one_line_without_a_traceback(trained, pict
     assert p.stderr.splitlines() == ["nin: error: standard output: No space left on device"]
 
 
+@pytest.mark.slow
 def test_a_bad_flag_in_a_real_terminal_is_one_line(tmp_path):
     blocker = tmp_path / "afile"
     blocker.write_text("keep")
@@ -679,6 +685,7 @@ def idx_copy(tmp_path, fashion_mnist) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_a_changed_idx_file_is_one_line_not_old_data(capsys, idx_copy, tmp_path):
     """IDX files have no cache: each run reads and checks them again."""
     first = data.load("fashion-mnist", "test", idx_copy, download=False)

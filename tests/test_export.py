@@ -25,6 +25,7 @@ def reference_logits(run_dir, x):
         return t.model((x - mean) / std)
 
 
+@pytest.mark.slow
 def test_onnx_export_runs_in_onnxruntime_at_any_batch_size_and_matches_pytorch(run_dir, tmp_path, capsys):
     ort = pytest.importorskip("onnxruntime")
     out = tmp_path / "nin28.onnx"
@@ -42,6 +43,7 @@ def test_onnx_export_runs_in_onnxruntime_at_any_batch_size_and_matches_pytorch(r
     torch.testing.assert_close(got, reference_logits(run_dir, x), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_torchscript_export_loads_back_and_matches_pytorch(run_dir, tmp_path, capsys):
     out = tmp_path / "nin28.pt"
     assert main(["export", str(run_dir), "--format", "torchscript", "--out", str(out)]) == 0
@@ -51,6 +53,7 @@ def test_torchscript_export_loads_back_and_matches_pytorch(run_dir, tmp_path, ca
     torch.testing.assert_close(got, reference_logits(run_dir, x), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_an_existing_file_is_never_overwritten_without_force(run_dir, tmp_path, capsys):
     out = tmp_path / "model.pt"
     out.write_bytes(b"keep me")
@@ -70,6 +73,7 @@ def test_a_failed_verification_writes_nothing(run_dir, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_missing_onnxruntime_says_how_to_install_it(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     assert main(["export", str(run_dir), "--out", str(tmp_path / "m.onnx")]) == 2

@@ -255,6 +255,7 @@ valid_idx = st.lists(st.integers(0, 4), min_size=1, max_size=3).flatmap(
 IDX_FIELDS = ((0, "B"), (1, "B"), (2, "B"), (3, "B"), (4, ">I"), (8, ">I"), (12, ">I"))
 
 
+@pytest.mark.slow
 @fuzz(150)
 @given(data=st.binary(max_size=64) | st.tuples(st.sampled_from([b"\0\0\x08", b"\0\0\x08\x01", b"\0\0\x08\x03"]),
                                                st.binary(max_size=40)).map(b"".join))
@@ -266,6 +267,7 @@ def test_parse_idx_takes_any_bytes(data):
         check_idx(array, data)
 
 
+@pytest.mark.slow
 @fuzz(150)
 @given(valid=valid_idx, edits=byte_edits(fields=IDX_FIELDS),
        wrap=st.sampled_from(["raw", "gzip", "edit-gzip", "gzip-garbage"]))
@@ -294,6 +296,7 @@ TINY_IDX = IdxDataset(
 )
 
 
+@pytest.mark.slow
 @fuzz(100)
 @given(which=st.sampled_from(["images", "labels"]), edits=byte_edits(fields=IDX_FIELDS), gz=st.booleans())
 @example(which="labels", edits=[("put", -2, b"\x03")], gz=False)  # a label one past the last class is refused
@@ -340,6 +343,7 @@ def test_unpickle_batch_takes_any_bytes(data):
         check_batch(batch)
 
 
+@pytest.mark.slow
 @fuzz(150)
 @given(which=st.integers(0, len(PICKLES) - 1), edits=byte_edits(6))
 def test_unpickle_batch_takes_edited_pickles(which, edits):
@@ -416,6 +420,7 @@ archive_cases = st.one_of(
 )
 
 
+@pytest.mark.slow
 @fuzz(150)
 @given(case=archive_cases)
 @example(case=("contents", (None, None, [b"\xff"] * 10)))  # was UnicodeDecodeError: a class name that is not UTF-8
@@ -468,6 +473,7 @@ def cifar_dir(tmp_path_factory, isolated) -> Path:
     return root
 
 
+@pytest.mark.slow
 @fuzz(60)
 @given(edits=safetensors_edits())
 @example(edits=[("tensor", 1, 0, b"\x7f")])  # was served from the cache: label 127
@@ -541,6 +547,7 @@ def test_decode_image_takes_any_bytes(data, options):
         decode(path, options)
 
 
+@pytest.mark.slow
 @fuzz(200)
 @given(name=st.sampled_from(sorted(IMAGES)), edits=byte_edits(fields=((18, "<I"), (22, "<I"), (6, "<H"), (8, "<H"))),
        options=decode_options)
@@ -585,6 +592,7 @@ def image_folder(tmp_path_factory) -> tuple[Path, Path, folder.FolderSplit]:
     return root, cache, split
 
 
+@pytest.mark.slow
 @fuzz(60)
 @given(edits=safetensors_edits())
 def test_a_corrupt_folder_cache_is_ignored_and_rebuilt(image_folder, edits):
@@ -702,6 +710,7 @@ def json_case(*edits: tuple) -> tuple:
 SHARED = [28, 28]  # as sampled_from hands out one object again and again
 
 
+@pytest.mark.slow
 @fuzz(90)
 @given(case=st.tuples(st.just("json"), json_edits(focus=((), ("model",), ("data",), ("state",), ("config",))))
        | st.tuples(st.just("bytes"), byte_edits(2)))
@@ -740,6 +749,7 @@ def test_deeply_nested_state_is_a_checkpoint_error(checkpoint):
             ckpt.load_state(path)
 
 
+@pytest.mark.slow
 @fuzz(50)
 @given(name=st.sampled_from(["model.safetensors", "state.safetensors"]),
        data=st.binary(max_size=64) | st.tuples(st.integers(0, 300).map(lambda n: struct.pack("<Q", n)),
@@ -749,6 +759,7 @@ def test_any_safetensors_bytes(checkpoint, name, data):
         read_everything(path, weights=name == "model.safetensors")
 
 
+@pytest.mark.slow
 @fuzz(80)
 @given(name=st.sampled_from(["model.safetensors", "state.safetensors"]), edits=safetensors_edits())
 @example(name="model.safetensors", edits=[("header", ("set", ((), 0), {"": ["\n"]}))])  # was a two-line message

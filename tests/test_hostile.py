@@ -210,6 +210,7 @@ FIELDS = ["data.classes", "data.mean", "data.std", "data.size", "data.dataset", 
           "model.options.in_channels", "config.seed", "config.data.resize", "config.train.batch_size"]
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(changes=st.lists(st.tuples(st.sampled_from(FIELDS), JSON_VALUES), min_size=1, max_size=3))
 def test_any_values_in_meta_json_load_or_are_one_checkpoint_error(trained, tmp_path_factory, changes):
@@ -413,6 +414,7 @@ def test_a_run_being_trained_is_not_resumed(run_copy, capsys):
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_into_one_directory_one_is_refused(images, tmp_path):
     """Two real processes race for one --out: exactly one trains, the other is refused with one line, and the
     directory holds the winner's settings and checkpoints only."""
@@ -471,6 +473,7 @@ def test_resuming_from_an_older_checkpoint_is_refused(run_copy, capsys):
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_can_be_resumed(images, tmp_path, capsys):
     """It left its config.json and a checkpoint's temporary folder: --resume trains it from the start with its
     saved settings (saying so), instead of finding nothing to resume and a folder it may not reuse."""

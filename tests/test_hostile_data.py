@@ -238,6 +238,7 @@ def test_nin_datasets_over_a_bomb_is_a_bad_row_in_bounded_memory(tmp_path, real_
     assert mem["peak"] < 8 * MiB, mem  # checked in a stream: not even the 47 MB the file declares
 
 
+@pytest.mark.slow
 def test_nin_datasets_streams_the_real_files_and_finds_them_good(tmp_path, real_files, capsys):
     d = fashion_dir(tmp_path / "d", real_files)
     with peak_memory() as mem:
@@ -507,6 +508,7 @@ for path in sys.argv[1:]:
 """
 
 
+@pytest.mark.slow
 def test_an_idx_file_that_is_not_a_regular_file_is_named(tmp_path):
     # In a child with an address-space limit and a timeout: a reader that opens a FIFO blocks, and one that
     # reads a link to /dev/zero to its end allocates without bound (which is what this guards against).

@@ -27,6 +27,7 @@ def with_stats(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list_models())
 def test_folded_model_gives_the_same_outputs(name, one_thread):
     torch.manual_seed(0)

@@ -68,6 +68,7 @@ def hand_param_count(spec, in_channels: int, num_classes: int, batch_norm: bool)
 # ----------------------------------------------------------- every model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_every_model_builds_quietly_on_cpu_and_classifies_its_own_input(name, capsys):
     entry = model_entry(name)
@@ -350,6 +351,7 @@ def test_head_width_needs_a_1x1_conv():
         create_model("nin_d2l", head_width=64, mlp_layers=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_input_size_override_sets_the_input_and_a_classic_model_sizes_its_first_fc_layer(name):
     model = create_model(name, input_size=(96, 80))
@@ -551,6 +553,7 @@ def test_dropout_on_a_nin_without_dropout_stages_adds_one_after_each_pooling_sta
     assert [m.p for m in create_model("nin_d2l", dropout=0.3).modules() if isinstance(m, nn.Dropout)] == [0.3]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["nin_d2l", "nin_cifar10"])
 def test_the_fused_bf16_cpu_path_computes_what_the_modules_do(monkeypatch, name):
     """Under bf16 autocast on a CPU, conv+ReLU pairs run as one oneDNN primitive: the same outputs and gradients,

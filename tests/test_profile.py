@@ -47,6 +47,7 @@ def test_every_model_has_a_recorded_count():
     assert set(RECORDED) == set(ALL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_forward_flops_match_the_record_and_an_independent_count(name):
     model = create_model(name)
@@ -55,6 +56,7 @@ def test_forward_flops_match_the_record_and_an_independent_count(name):
     assert fwd == flops_by_hooks(model, model.input_size)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_training_step_is_three_forwards_less_the_first_layers_input_gradient(name):
     model = create_model(name)
@@ -62,6 +64,7 @@ def test_training_step_is_three_forwards_less_the_first_layers_input_gradient(na
     assert count_flops(model, train=True) == 3 * fwd - first
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_our_per_layer_macs_are_torch_flop_counters_halved_and_params_add_up(name):
     model = create_model(name)
@@ -76,6 +79,7 @@ def test_our_per_layer_macs_are_torch_flop_counters_halved_and_params_add_up(nam
     assert prof.train_flops == count_flops(model, train=True)
 
 
+@pytest.mark.slow
 def test_known_figures():
     d2l = profile_model(create_model("nin_d2l"))
     assert d2l.params == 1_992_166
@@ -111,6 +115,7 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_kept_for_backward_is_what_autograd_keeps(name):
     small = {"nin_d2l": (96, 96), "alexnet": (96, 96), "vgg11": (32, 32)}
@@ -172,6 +177,7 @@ def test_every_model_has_a_measured_batch():
     assert set(BATCHES) == set(ALL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_estimates_are_within_15_percent_of_measured_memory(name):
     model = create_model(name)

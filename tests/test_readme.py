@@ -102,6 +102,7 @@ def test_experiments_doc_quotes_each_study_table_as_reported(report):
     assert rows and all(row in doc for row in rows), report.parent.name
 
 
+@pytest.mark.slow
 def test_reliability_doc_names_only_tests_that_exist():
     """Every ``tests/test_x.py::test_name`` in docs/reliability.md is a test in that file (or a parametrized one)."""
     import ast

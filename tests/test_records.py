@@ -67,6 +67,7 @@ def test_other_json_files_beside_the_records_are_left_alone(tmp_path):
         make_record({}, "latency", "x", machine=MACHINE)
 
 
+@pytest.mark.slow
 def test_nin_bench_record_writes_the_run_with_this_machines_fingerprint(tmp_path, capsys, one_thread):
     out = tmp_path / "results"
     args = ["bench", "--model", "nin28", "--batch-size", "8", "--steps", "1", "--repeats", "1", "--latency-runs",

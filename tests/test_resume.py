@@ -183,6 +183,7 @@ def test_a_killed_save_leaves_a_temporary_that_the_next_run_removes(tmp_path):
     assert not stale.exists() and steps_saved(tmp_path) == [4, 8]
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_training_is_one_line_and_keeps_every_checkpoint(tmp_path, capsys, monkeypatch,
                                                                               fashion_mnist):
     out = tmp_path / "run"

@@ -89,6 +89,7 @@ def tiny_study(root, lrs=(0.05, 1000.0)) -> Study:
     return Study("tiny", 1, "Tiny", "Does it run?", "learning rate", {"cpu": b, "full": b}, log_axis=True)
 
 
+@pytest.mark.slow
 def test_a_study_records_each_run_reports_mean_and_std_and_names_the_divergent_runs(folder, tmp_path, one_thread):
     study, out, lines = tiny_study(folder), tmp_path / "study", []
     records = run_study(study, StudyConfig(device="cpu"), out, log=lines.append)
@@ -119,6 +120,7 @@ def test_a_study_records_each_run_reports_mean_and_std_and_names_the_divergent_r
     assert meta["env"]["torch"] and meta["env"]["device"] == "cpu"
 
 
+@pytest.mark.slow
 def test_running_again_reuses_recorded_runs_and_finishes_an_interrupted_one(folder, tmp_path, one_thread,
                                                                            monkeypatch):
     study, out = tiny_study(folder, lrs=(0.05,)), tmp_path / "study"
@@ -144,6 +146,7 @@ def test_running_again_reuses_recorded_runs_and_finishes_an_interrupted_one(fold
     assert len(load_records(out)) == 2 and (crashed / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_changed_settings_or_another_study_in_the_same_folder_are_refused(folder, tmp_path, one_thread):
     study, out = tiny_study(folder, lrs=(0.05,)), tmp_path / "study"
     run_study(study, StudyConfig(device="cpu", seeds=1), out, log=lambda _: None)
@@ -180,6 +183,7 @@ def test_report_only_without_runs_is_one_line(capsys, tmp_path):
     assert err.count("\n") == 1 and "no finished runs of study 'head'" in err
 
 
+@pytest.mark.slow
 def test_with_rollback_a_study_records_each_rollback_of_a_run(folder, tmp_path, one_thread):
     study, out = tiny_study(folder, lrs=(1000.0,)), tmp_path / "study"
     sc = StudyConfig(device="cpu", seeds=1, on_diverge="rollback")

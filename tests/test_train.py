@@ -187,6 +187,7 @@ class Rollbacks(Callback):
         self.events.append(event)
 
 
+@pytest.mark.slow
 def test_rollback_redoes_the_epoch_at_a_lower_lr_exactly_like_a_run_started_there():
     aug = Augment(crop_padding=2, flip=True)  # random augmentation and dropout: the RNG must be restored too
     cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05, schedule="constant", channels_last=False)
@@ -243,6 +244,7 @@ def scaled_model():
 
 
 # an epoch boundary, inside an epoch; with channels_last buffers; in each precision (fp16: the gradient scaler too)
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_at, channels_last, amp, make_model", [
     (16, False, "none", dropout_model), (21, False, "none", dropout_model), (21, True, "none", dropout_model),
     (21, True, "bf16", dropout_model), (21, True, "fp16", scaled_model)], ids=lambda v: getattr(v, "__name__", None))
@@ -295,6 +297,7 @@ def test_bf16_autocast_trains_on_this_device():
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # weights stay fp32
 
 
+@pytest.mark.slow
 def test_fp16_autocast_trains_with_a_gradient_scaler():
     train, test = loaders()
     trainer = Trainer(small_model(), TrainConfig(**{**FAST, "epochs": 1, "amp": "fp16"}), train, test)
@@ -310,6 +313,7 @@ def test_fp16_autocast_trains_with_a_gradient_scaler():
     assert bf16.scaler is None and bf16.state_dict()["scaler"] is None  # bf16 has fp32's range: no scaler
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [True, False])
 def test_fp16_steps_skipped_for_overflow_leave_the_optimizer_finite(fused):
     """torch's fused SGD leaves its momentum buffers uninitialized when the first step is skipped for an overflow;
@@ -366,6 +370,7 @@ def test_nin_amp_overrides_auto_and_a_bad_value_is_one_clear_error(monkeypatch):
         amp_choice(gpu)
 
 
+@pytest.mark.slow
 def test_checkpointer_keeps_the_last_n(tmp_path):
     train, test = loaders()
     saver = Checkpointer(tmp_path, {}, keep_last=2)
@@ -404,6 +409,7 @@ class SlowEval(nn.Module):
         return self.model(x)
 
 
+@pytest.mark.slow
 def test_wall_time_of_a_resumed_run_counts_earlier_evaluation():
     train, test = loaders()
     model = SlowEval(small_model())

@@ -114,6 +114,7 @@ def test_two_workers_share_one_sqlite_study(shared):
     assert "trial  state     holdout acc  lr" in stdout and "best: trial" in stdout
 
 
+@pytest.mark.slow
 def test_best_yaml_is_the_best_trial_without_the_holdout_and_trains(shared, tmp_path):
     out, _ = shared
     best = load(out).best_trial
@@ -131,6 +132,7 @@ def test_best_yaml_is_the_best_trial_without_the_holdout_and_trains(shared, tmp_
     assert load_run_config(tmp_path / "final").data.holdout is None
 
 
+@pytest.mark.slow
 def test_an_existing_out_dir_is_continued_not_overwritten(shared):
     out, _ = shared
     before = {t.number: t.params for t in load(out).trials}
@@ -146,6 +148,7 @@ def test_an_existing_out_dir_is_continued_not_overwritten(shared):
     assert code == 2 and "was run with data.subset=256, this run has 200" in err
 
 
+@pytest.mark.slow
 def test_a_diverged_trial_is_recorded_and_the_search_goes_on(tmp_path, fashion_mnist, one_thread, monkeypatch,
                                                             capsys):
     """Trial 0 gets an absurd learning rate on a model without BatchNorm: its loss really goes to NaN."""
@@ -190,6 +193,7 @@ def test_bad_flags_are_one_line_errors(argv, says, tmp_path, fashion_mnist, caps
     assert err.startswith("nin: error: ") and says in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_bad_config_files_and_out_dirs_and_studies_are_one_line_errors(tmp_path, fashion_mnist, capsys,
                                                                        monkeypatch):
     bad = tmp_path / "bad.yaml"
