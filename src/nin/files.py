@@ -45,25 +45,31 @@ def os_reason(e: OSError) -> str:
     return why[:1].lower() + why[1:]
 
 
-def check_regular(path: str | os.PathLike[str], *, error: type[NinError] = FileError) -> os.stat_result:
-    """``os.stat`` of ``path`` (links followed), if it is a regular file; otherwise ``error`` saying what it is."""
+def _stat_as(path, is_kind, what: str, error: type[NinError], name: str | None, missing: str | None):
+    """``os.stat`` of ``path`` (links followed) if ``is_kind`` of its mode; otherwise ``error``, naming it as
+    ``name`` (default: the path) and saying what it is instead (``missing``: the words when there is none)."""
+    name = name or str(path)
     try:
         st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{name}: {missing or 'no such file or directory'}") from None
     except OSError as e:
-        raise error(f"{path}: {os_reason(e)}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise error(f"{path}: {kind(st.st_mode)}, not a regular file")
+        raise error(f"{name}: {os_reason(e)}") from None
+    if not is_kind(st.st_mode):
+        raise error(f"{name}: {kind(st.st_mode)}, not {what}")
     return st
 
 
-def check_dir(path: str | os.PathLike[str], *, error: type[NinError] = FileError, what: str = "folder") -> Path:
-    """``path`` if it is a directory (links followed); otherwise ``error`` saying what it is instead."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise error(f"{path}: {os_reason(e)}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise error(f"{path}: {kind(st.st_mode)}, not a {what}")
+def check_regular(path: str | os.PathLike[str], *, error: type[NinError] = FileError) -> os.stat_result:
+    """``os.stat`` of ``path`` (links followed), if it is a regular file; otherwise ``error`` saying what it is."""
+    return _stat_as(path, stat.S_ISREG, "a regular file", error, None, None)
+
+
+def check_dir(path: str | os.PathLike[str], *, error: type[NinError] = FileError, what: str = "folder",
+              name: str | None = None, missing: str | None = None) -> Path:
+    """``path`` if it is a directory (links followed); otherwise ``error`` saying what it is instead, naming it
+    as ``name`` (default: the path); ``missing``: what to say when there is nothing there."""
+    _stat_as(path, stat.S_ISDIR, f"a {what}", error, name, missing)
     return Path(path)
 
 

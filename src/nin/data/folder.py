@@ -54,7 +54,6 @@ import hashlib
 import json
 import math
 import os
-import stat
 import struct
 import threading
 import warnings
@@ -71,7 +70,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import safe_open
 
 from nin.data.idx import DataError, save_cache_file
-from nin.files import kind, open_regular, os_reason
+from nin.files import check_dir, open_regular, os_reason
 
 FORMAT_VERSION = 1
 CACHE_FORMAT = "nin-image-folder"
@@ -163,14 +162,8 @@ def _is_image_name(name: str) -> bool:
 
 def _check_root(root: Path) -> None:
     """A :class:`DataError` naming ``root`` unless it is a folder (links followed), saying what it is instead."""
-    try:
-        st = os.stat(root)
-    except FileNotFoundError:
-        raise DataError(f"{root}: image folder does not exist") from None
-    except OSError as exc:
-        raise DataError(f"{root}: {os_reason(exc)}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise DataError(f"{root}: {kind(st.st_mode)}, not a folder (expected ROOT/CLASS/IMAGE files)")
+    check_dir(root, error=DataError, what="folder (expected ROOT/CLASS/IMAGE files)",
+              missing="image folder does not exist")
 
 
 def _is_dir(entry: os.DirEntry) -> bool:

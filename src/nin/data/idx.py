@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 
 from nin.atomic import WriteError, atomic_path, write_bytes
 from nin.errors import NinError
-from nin.files import kind, open_regular, os_reason
+from nin.files import check_dir, kind, open_regular, os_reason
 
 
 class DataError(NinError):
@@ -448,15 +448,8 @@ def user_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
         named = f"NIN_DATA_DIR={path}"
     else:
         return None
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise DataError(f"{named}: no such directory (create it, or name the directory holding the data)") from None
-    except OSError as exc:
-        raise DataError(f"{named}: {os_reason(exc)}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise DataError(f"{named}: {kind(st.st_mode)}, not a folder")
-    return path
+    return check_dir(path, error=DataError, name=named,
+                     missing="no such directory (create it, or name the directory holding the data)")
 
 
 def search_dirs(
