@@ -92,3 +92,24 @@ def cam_panels(trained, images: torch.Tensor, top_k: int, labels: torch.Tensor |
             row.append({"image": picture, "map": shown[n, c].numpy(), "title": title})
         rows.append(row)
     return rows
+
+
+GRID_COLUMNS = 8  # test images per row of a --grid figure
+
+
+def grid_panels(trained, n: int, data_dir: str | None = None) -> tuple[list[list[dict]], str]:
+    """The first ``n`` images of the run's test split, each with its top class map and true class, laid out in
+    rows of :data:`GRID_COLUMNS`; and the figure's title."""
+    from nin.inference.evaluate import checked_test_split
+
+    test = checked_test_split(trained, data_dir)
+    n = min(n, len(test.images))
+    flat = [row[0] for row in cam_panels(trained, test.images[:n], 1, test.labels[:n])]
+    panels = [flat[i:i + GRID_COLUMNS] for i in range(0, len(flat), GRID_COLUMNS)]
+    return panels, f"{trained.name}: top class map of {n} test images"
+
+
+def image_panels(trained, images, top_k: int) -> tuple[list[list[dict]], str]:
+    """One row per image: the class maps of its ``top_k`` classes; and the figure's title."""
+    title = f"{trained.name}: class maps of the top {min(top_k, len(trained.classes))} classes"
+    return cam_panels(trained, images, top_k), title

@@ -87,3 +87,15 @@ def create_model(name: str, **overrides) -> nn.Module:
         raise NinError(f"{name} does not take the option(s) {', '.join(unknown)}; "
                        f"accepted: {', '.join(entry.options)}")
     return entry.factory(**overrides)
+
+
+def describe_models(default: str | None = None) -> list[dict]:
+    """A row per registered model: name, family, input size, parameters (built to count them), whether it is
+    ``default``, its description and the options it takes (``nin models``)."""
+    rows = []
+    for name in list_models():
+        e = model_entry(name)
+        params = sum(p.numel() for p in create_model(name).parameters())
+        rows.append({"name": name, "family": e.family, "input": "x".join(map(str, e.input_size)), "params": params,
+                     "default": name == default, "description": e.description, "options": list(e.options)})
+    return rows

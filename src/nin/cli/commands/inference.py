@@ -91,7 +91,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_cam(args: argparse.Namespace) -> int:
     from nin.atomic import refuse_existing
-    from nin.inference.cam import cam_panels, check_cam_model, plot_cams
+    from nin.inference.cam import check_cam_model, grid_panels, image_panels, plot_cams
     from nin.inference.predict import decode, expand
     from nin.inference.trained import load_trained
 
@@ -109,22 +109,14 @@ def cmd_cam(args: argparse.Namespace) -> int:
     check_cam_model(t.model)
     bad = []
     if args.grid:
-        test = _test_split(t, args.data_dir)
-        n = min(args.grid, len(test.images))
-        rows = cam_panels(t, test.images[:n], 1, test.labels[:n])
-        per_row = 8
-        flat = [r[0] for r in rows]
-        panels = [flat[i:i + per_row] for i in range(0, len(flat), per_row)]
-        title = f"{t.name}: top class map of {n} test images"
+        panels, title = grid_panels(t, args.grid, args.data_dir)
     else:
         images, good, bad = decode(expand(args.images), *t.stored_shape(), max_pixels=args.max_pixels)
         for f, why in bad:
             print(f"nin: error: {f}: {why}", file=sys.stderr)
         if not good:
             return EXIT_USAGE
-        top_k = args.top_k or 3
-        panels = cam_panels(t, images, top_k)
-        title = f"{t.name}: class maps of the top {min(top_k, len(t.classes))} classes"
+        panels, title = image_panels(t, images, args.top_k or 3)
     plot_cams(panels, out, title, exclusive=not args.force)
     print(f"wrote {out}")
     return 1 if bad else 0
@@ -146,44 +138,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _test_split(t, data_dir: str | None):
-    """The run's test split, checked to have the classes the model was trained on (an image folder may have
-    changed since)."""
-    test = t.test_split(data_dir)
-    if list(test.classes) != list(t.classes):
-        raise NinError(f"{test.images_path}: the test images have classes {', '.join(test.classes)}; the model was "
-                       f"trained on {', '.join(t.classes)}")
-    return test
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from nin.atomic import atomic_paths, refuse_existing
-    from nin.inference.evaluate import confusion_matrix, predict
+    from nin.atomic import refuse_existing
+    from nin.inference.evaluate import evaluate_trained, write_evaluation
     from nin.inference.trained import load_trained
-    from nin.plots import plot_confusion
 
     t = load_trained(args.checkpoint, args.device)
-    model, path, name, dataset, classes = t.model, t.path, t.name, t.dataset, t.classes
-    out = Path(args.out) if args.out else path
-    png, doc = out / "confusion.png", out / "evaluation.json"
-    refuse_existing(png, doc, force=args.force)
-    test = _test_split(t, args.data_dir)
-    preds, truth = predict(model, t.loader(test.images, test.labels, args.batch_size))
-    k = len(classes)
-    cm = confusion_matrix(preds, truth, k)
-    per_class = (cm.diag().double() / cm.sum(1).clamp(min=1)).tolist()
-    acc = float(cm.diag().sum()) / max(int(cm.sum()), 1)
-    result = {"checkpoint": str(path), "model": name, "dataset": dataset, "examples": int(cm.sum()),
-              "test_acc": acc, "per_class_acc": dict(zip(classes, per_class)), "confusion": cm.tolist(),
-              "confusion_png": str(png)}
-    with atomic_paths(png, doc, exclusive=not args.force) as (tmp_png, tmp_json):  # both files or neither
-        plot_confusion(cm, classes, tmp_png, title=f"{name}: test acc {acc:.4f}")
-        tmp_json.write_text(json.dumps(result, indent=1))
+    out = Path(args.out) if args.out else t.path
+    refuse_existing(out / "confusion.png", out / "evaluation.json", force=args.force)  # before the work
+    ev = evaluate_trained(t, args.data_dir, args.batch_size)
+    png, _ = write_evaluation(ev, out, force=args.force)
     if args.json:
-        print(json.dumps(result, indent=1))
+        print(json.dumps({**ev.to_dict(), "confusion_png": str(png)}, indent=1))
         return 0
-    print(f"{name} on {dataset} test ({int(cm.sum()):,} images): accuracy {acc:.4f}")
-    for c, a in zip(classes, per_class):
+    print(f"{ev.model} on {ev.dataset} test ({ev.examples:,} images): accuracy {ev.accuracy:.4f}")
+    for c, a in zip(ev.classes, ev.per_class):
         print(f"  {c:<14}{a:.4f}")
     print(f"confusion matrix: {png}")
     return 0

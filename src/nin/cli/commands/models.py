@@ -59,14 +59,10 @@ def add_parsers(sub) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from nin.models import DEFAULT_MODEL, create_model, list_models, model_entry
+    from nin.models import DEFAULT_MODEL
+    from nin.models.registry import describe_models
 
-    rows = []
-    for name in list_models():
-        e = model_entry(name)
-        params = sum(p.numel() for p in create_model(name).parameters())
-        rows.append({"name": name, "family": e.family, "input": "x".join(map(str, e.input_size)), "params": params,
-                     "default": name == DEFAULT_MODEL, "description": e.description, "options": list(e.options)})
+    rows = describe_models(DEFAULT_MODEL)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -95,32 +91,19 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def cmd_shapes(args: argparse.Namespace) -> int:
-    import torch
-
+    from nin.analysis.shapes import stage_shapes
     from nin.models import create_model
 
     model = create_model(args.model, **_model_options(args))
-    c, h, w = model.input_size
     if args.input:
-        c, h, w = _checked_input(args.model, model, args.input)
+        _, h, w = _checked_input(args.model, model, args.input)
         model = create_model(args.model, **_model_options(args), input_size=(h, w))
-    x = torch.rand(1, c, h, w)
-    model.eval()
-    rows = []
-    with torch.no_grad():
-        for name, stage in model.named_stages():
-            try:
-                x = stage(x)
-            except RuntimeError as e:
-                raise NinError(f"input {c}x{h}x{w} is too small for {args.model}: stage {name} failed "
-                               f"({str(e).splitlines()[0]})") from None
-            n = sum(p.numel() for p in stage.parameters())
-            rows.append((name, type(stage).__name__, "x".join(map(str, x.shape[1:])), n))
-    print(f"{args.model}: input {c}x{h}x{w}")
+    rows = stage_shapes(model, args.model)
+    print(f"{args.model}: input {'x'.join(map(str, model.input_size))}")
     print(f"{'stage':<9}{'layer':<19}{'output shape':<16}{'params':>11}")
-    for name, layer, shape, n in rows:
-        print(f"{name:<9}{layer:<19}{shape:<16}{n:>11,}")
-    print(f"{'total':<44}{sum(r[3] for r in rows):>11,}")
+    for r in rows:
+        print(f"{r.name:<9}{r.layer:<19}{'x'.join(map(str, r.shape)):<16}{r.params:>11,}")
+    print(f"{'total':<44}{sum(r.params for r in rows):>11,}")
     return 0
 
 
