@@ -266,3 +266,47 @@ def test_resume_with_a_damaged_config_is_one_line(tmp_path, capsys, text, words)
     assert main(["train", "--resume", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err, err
+
+
+def test_the_checkpointer_keeps_its_best_value_in_the_checkpoint_and_resumes_from_it(tmp_path):
+    """Its state travels in each checkpoint (under the trainer's "callbacks"): a resumed run knows the best
+    value without reading a step out of a folder name, even when the best checkpoint is not the newest."""
+    trainer, _ = tiny_trainer(tmp_path, 3, [0.5, 0.7, 0.6], keep_last=0)
+    trainer.fit()
+    newest = ckpt.list_checkpoints(tmp_path)[-1]
+    state = ckpt.load_state(newest)
+    assert state["callbacks"]["Checkpointer"] == {"monitor": "test_acc", "best_value": 0.7, "best_step": 8}
+    first = ckpt.load_state(ckpt.list_checkpoints(tmp_path)[0])  # the first epoch's checkpoint is its own best
+    assert first["callbacks"]["Checkpointer"]["best_value"] == 0.5
+    (tmp_path / "checkpoints" / "best").unlink()  # nothing to read a value back from but the state
+    resumed, saver = tiny_trainer(tmp_path, 4, [0.65], keep_last=0)
+    resumed.load_state_dict(state)
+    resumed.fit()
+    assert saver.best_value == 0.7 and saver.best_step == 8  # 0.65 is no improvement on the restored 0.7
+    assert not (tmp_path / "checkpoints" / "best").exists()
+
+
+def test_callbacks_are_called_in_order_through_one_dispatcher_and_state_keys_are_unique():
+    from nin.errors import NinError
+    from nin.training.callbacks import Callback, CallbackList
+
+    calls = []
+
+    class Log(Callback):
+        def __init__(self, name):
+            self.name = name
+
+        def on_epoch_end(self, trainer, metrics):
+            calls.append((self.name, metrics["epoch"]))
+
+        def state_dict(self):
+            return {"name": self.name}
+
+    cbs = CallbackList([Log("a"), Log("b")])
+    cbs.call("on_epoch_end", None, {"epoch": 1})
+    assert calls == [("a", 1), ("b", 1)]
+    with pytest.raises(ValueError, match="no callback hook 'on_epoch_begin'"):
+        cbs.call("on_epoch_begin", None)
+    with pytest.raises(NinError, match="two callbacks keep their state under 'Log'"):
+        cbs.state_dict()
+    assert CallbackList([Log("a")]).state_dict() == {"Log": {"name": "a"}}

@@ -421,3 +421,29 @@ def test_wall_time_of_a_resumed_run_counts_earlier_evaluation():
     assert h[0]["wall_time"] >= h[0]["epoch_time"] + 0.2
     # the second epoch adds its training and its (slow) evaluation to the first epoch's wall time
     assert h[1]["wall_time"] - h[0]["wall_time"] >= h[1]["epoch_time"] + 0.2
+
+
+@pytest.mark.slow
+def test_the_optimizer_and_the_loss_come_from_outside_with_sgd_and_cross_entropy_by_default():
+    """The trainer is not tied to SGD or cross-entropy: it takes both, sets the schedule's lr on every group of
+    the optimizer it was given, and learns with them."""
+    train, test = loaders()
+    made, seen = [], []
+
+    def adamw(model, config):
+        made.append(config.lr)
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+
+    class CountingLoss(torch.nn.CrossEntropyLoss):
+        def forward(self, out, y):
+            seen.append(len(y))
+            return super().forward(out, y)
+
+    cfg = TrainConfig(**{**FAST, "epochs": 2, "lr": 0.01, "schedule": "constant"}, amp="none")
+    t = Trainer(small_model(), cfg, train, test, optimizer=adamw, criterion=CountingLoss())
+    history = t.fit()
+    assert isinstance(t.optimizer, torch.optim.AdamW) and made == [0.01]
+    assert sum(seen) >= 2 * 512 and all(g["lr"] == 0.01 for g in t.optimizer.param_groups)
+    assert history[-1]["test_acc"] > 0.5  # the synthetic classes are easy: it learned with them
+    default = Trainer(small_model(), cfg, train, test)
+    assert isinstance(default.optimizer, torch.optim.SGD) and isinstance(default.criterion, torch.nn.CrossEntropyLoss)

@@ -1,8 +1,10 @@
 """A small, model-agnostic trainer for image classifiers.
 
-The :class:`Trainer` runs SGD over a :class:`~nin.data.loader.DeviceLoader`, evaluates
-once per epoch and returns the per-epoch metrics. It knows nothing about NiN:
-logging, progress bars, figures and checkpoints are :class:`Callback` objects.
+The :class:`Trainer` runs an optimizer it is given (the recipe's SGD, :func:`sgd`, by default) on a loss
+it is given (cross-entropy by default) over a :class:`~nin.data.loader.DeviceLoader`, evaluates once per
+epoch and returns the per-epoch metrics. It knows nothing about NiN: logging, progress bars, figures and
+checkpoints are callbacks (:mod:`nin.training.callbacks`), called through one dispatcher, and each
+callback's own state is kept in the trainer's.
 Its whole state (weights aside) is :meth:`Trainer.state_dict`: epoch, position in
 the epoch, running sums, optimizer buffers, RNG states and history, so a run
 resumed from any step continues exactly, bit for bit, as if it had not stopped.
@@ -22,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -36,7 +38,7 @@ from nin.data.loader import DeviceLoader
 from nin.errors import NinError
 from nin.models.fold import fold_batchnorm, has_batchnorm
 from nin.training import distributed
-from nin.training.callbacks.base import Callback
+from nin.training.callbacks.base import Callback, CallbackList
 from nin.training.config import TrainConfig
 from nin.training.precision import AMP_DTYPES
 
@@ -156,6 +158,19 @@ class _Position:
     )
 
 
+def sgd(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
+    """The recipe's optimizer: SGD with the config's momentum (Nesterov or not) and weight decay, except on
+    biases and norms (parameters of one dimension), fused into one kernel unless ``config.fused`` is off."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() > 1 else no_decay).append(p)
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+        **({"fused": True} if config.fused else {"foreach": False}),
+    )
+
+
 class Trainer:
     """Train ``model`` on ``train_loader``; evaluate on ``test_loader`` after each epoch."""
 
@@ -166,13 +181,19 @@ class Trainer:
         train_loader: DeviceLoader,
         test_loader: DeviceLoader | None = None,
         callbacks: Iterable[Callback] = (),
+        *,
+        optimizer: Callable[[nn.Module, TrainConfig], torch.optim.Optimizer] | None = None,
+        criterion: nn.Module | None = None,
     ) -> None:
+        """``optimizer(model, config)`` builds the optimizer (default :func:`sgd`, the recipe's); ``criterion``
+        is the loss (default cross-entropy with the config's label smoothing). The learning rate of every
+        parameter group is set by the schedule at each step."""
         config.validate()
         self.device = train_loader.device
         self.config = config = config.resolved(self.device)
         self.model = model
         self.train_loader, self.test_loader = train_loader, test_loader
-        self.callbacks = list(callbacks)
+        self.callbacks = CallbackList(callbacks)
         self.dist = distributed.current()
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -190,21 +211,12 @@ class Trainer:
             self.eval_forward = torch.compile(model) if config.compile else model
         else:
             self.step_model = self.eval_forward = torch.compile(model) if config.compile else model
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-        decay, no_decay = [], []
-        for p in model.parameters():
-            (decay if p.dim() > 1 else no_decay).append(p)  # no weight decay on biases and norms
-        self.optimizer = torch.optim.SGD(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr,
-            momentum=config.momentum,
-            nesterov=config.nesterov,
-            **({"fused": True} if config.fused else {"foreach": False}),
-        )
+        self.criterion = criterion or nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.optimizer = (optimizer or sgd)(model, config)
         # fp16's range ends at 65,504, so its gradients are scaled up and the scale adapted (a step whose
         # gradients overflow is skipped); bf16 has fp32's range and needs no scaler.
         self.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
-        if self.scaler is not None and config.momentum > 0:
+        if self.scaler is not None and isinstance(self.optimizer, torch.optim.SGD) and config.momentum > 0:
             # torch's fused SGD makes its momentum buffers with empty_like on the first step and skips the
             # update when the scaler found an overflow, so a first step that overflows leaves them holding
             # whatever was in memory, and the next step turns the weights into NaN. Buffers that start at zero
@@ -266,6 +278,7 @@ class Trainer:
             "config": asdict(self.config),
             "lr_scale": self.lr_scale,
             "rollbacks": self.rollbacks,
+            "callbacks": self.callbacks.state_dict(),  # each callback's own (the best value so far, ...)
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -296,6 +309,9 @@ class Trainer:
             if self.scaler is not None and scaler:
                 self.scaler.load_state_dict(dict(scaler))
             lr_scale = float(state.get("lr_scale", 1.0))
+            callback_states = state.get("callbacks") or {}  # none in checkpoints from before callbacks kept state
+            if not isinstance(callback_states, dict):
+                raise TypeError(f"callbacks: expected a table, got {type(callback_states).__name__}")
             if not (0 <= pos.batch <= len(self.train_loader) and pos.epoch >= 0 and pos.step >= 0):
                 raise ValueError(f"position {asdict(pos)} is outside this run's {len(self.train_loader)} "
                                  "batches per epoch")
@@ -303,6 +319,16 @@ class Trainer:
             self.optimizer.load_state_dict(optimizer)
             raise NinError(f"the saved trainer state is malformed ({e})") from None
         self.pos, self.history, self.rollbacks, self.lr_scale = pos, history, rollbacks, lr_scale
+        self.callbacks.load_state_dict(callback_states)
+
+    @property
+    def callbacks(self) -> CallbackList:
+        """The callbacks, in the order their hooks are called; assign any list of them to replace them."""
+        return self._callbacks
+
+    @callbacks.setter
+    def callbacks(self, callbacks: Iterable[Callback]) -> None:
+        self._callbacks = CallbackList(callbacks)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> list[dict[str, float]]:
@@ -311,8 +337,7 @@ class Trainer:
         # A resumed run's wall time continues from the last recorded epoch (evaluation included).
         done = (self.history[-1]["wall_time"] if self.history else 0.0) + self.pos.tally["seconds"]
         self.start_time = time.perf_counter() - done
-        for cb in self.callbacks:
-            cb.on_fit_start(self)
+        self.callbacks.call("on_fit_start", self)
         with _FreedMemoryKept(self.device):
             while self.pos.epoch < cfg.epochs and not self._out_of_steps() and not self.stopped:
                 snapshot = self._snapshot() if cfg.on_diverge == "rollback" else None
@@ -326,10 +351,8 @@ class Trainer:
                 if not finished:
                     break
                 metrics = self._end_epoch()
-                for cb in self.callbacks:
-                    cb.on_epoch_end(self, metrics)
-        for cb in self.callbacks:
-            cb.on_fit_end(self)
+                self.callbacks.call("on_epoch_end", self, metrics)
+        self.callbacks.call("on_fit_end", self)
         return self.history
 
     def _snapshot(self) -> dict[str, Any]:
@@ -355,8 +378,7 @@ class Trainer:
         event = {"step": e.step, "epoch": e.epoch + 1, "loss": loss, "resumed_at_step": self.pos.step,
                  "lr_scale": self.lr_scale, "wall_time": time.perf_counter() - self.start_time}
         self.rollbacks.append(event)
-        for cb in self.callbacks:
-            cb.on_rollback(self, event)
+        self.callbacks.call("on_rollback", self, event)
 
     def _out_of_steps(self) -> bool:
         return self.config.max_steps is not None and self.pos.step >= self.config.max_steps
@@ -398,8 +420,7 @@ class Trainer:
                 if pos.batch - checked >= check_every or (self.should_stop and not self.dist.distributed):
                     self.stopped = self._check(losses, checked, pos.batch)
                     checked = pos.batch
-                for cb in self.callbacks:
-                    cb.on_step_end(self, loss)
+                self.callbacks.call("on_step_end", self, loss)
                 if (self._out_of_steps() or self.stopped) and pos.batch < len(loader):
                     break
             self.stopped = self._check(losses, checked, pos.batch) or self.stopped

@@ -48,6 +48,8 @@ class Checkpointer(Callback):
         self.last_path: Path | None = None
         self.best_path: Path | None = None
         self.best_value = -math.inf
+        self.best_step: int | None = None  # the step of the best checkpoint
+        self._restored: dict[str, Any] | None = None  # the state a resumed run gave back (load_state_dict)
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if is_main_process():
@@ -55,10 +57,26 @@ class Checkpointer(Callback):
         found = list_checkpoints(self.run_dir)
         self.last_path = found[-1] if found else None
         self.best_path = best_checkpoint(self.run_dir)
-        if self.best_path is not None:  # the value it was chosen for, from the run's history
+        if self.best_path is not None and self._restored is None:
+            # A checkpoint from before callbacks kept their state: the value the best one was chosen for is the
+            # monitored value of the epoch that ended at its step.
             step = int(self.best_path.name[5:])
             values = [h[self.monitor] for h in trainer.history if h.get("step") == step and self.monitor in h]
             self.best_value = values[0] if values else -math.inf
+
+    def state_dict(self) -> dict[str, Any]:
+        """The best monitored value so far and the step of its checkpoint (None: none yet)."""
+        best = self.best_value if math.isfinite(self.best_value) else None
+        return {"monitor": self.monitor, "best_value": best, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("monitor") != self.monitor:
+            return  # chosen by another measure: start afresh
+        value = state.get("best_value")
+        self.best_value = float(value) if isinstance(value, (int, float)) else -math.inf
+        step = state.get("best_step")
+        self.best_step = step if isinstance(step, int) else None
+        self._restored = state
 
     def on_step_end(self, trainer: Trainer, loss) -> None:
         # The last step of an epoch is saved after its evaluation, by on_epoch_end.
@@ -75,6 +93,9 @@ class Checkpointer(Callback):
 
     def save(self, trainer: Trainer, value: float | None = None) -> Path | None:
         path = self.run_dir / "checkpoints" / f"step-{trainer.step:07d}"
+        improved = value is not None and value > self.best_value
+        if improved:  # before the state is taken: the checkpoint records itself as the best so far
+            self.best_value, self.best_step = value, trainer.step
         state = trainer.state_dict()  # every process: it gathers each one's RNG state
 
         def write() -> Path:
@@ -84,8 +105,8 @@ class Checkpointer(Callback):
                 raise CheckpointError(f"{path}: already exists, and is not the checkpoint this run went on from "
                                       "(was the run directory changed by another process?); it is kept as it is")
             saved = save_checkpoint(path, trainer.model, state, self.meta)
-            if value is not None and value > self.best_value:
-                self.best_value, self.best_path = value, saved
+            if improved:
+                self.best_path = saved
                 set_best(self.run_dir, saved)
             if self.keep_last:  # prune all but the newest keep_last, sparing the best
                 for old in list_checkpoints(self.run_dir)[:-self.keep_last]:
