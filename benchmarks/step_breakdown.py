@@ -71,8 +71,8 @@ CATEGORY = {name: cat for cat, names in RULES for name in names}
 
 
 def build(args):
-    from nin.data.idx import load_split
     from nin.data.loader import DeviceLoader
+    from nin.data.sources import load_split
     from nin.models import create_model, init_weights
     from nin.training.config import TrainConfig
     from nin.training.trainer import Trainer
@@ -351,7 +351,7 @@ def mode_peak(args) -> None:
     import torch.nn.functional as F
 
     from nin.analysis.bench import matmul_peak
-    from nin.training.trainer import _FreedMemoryKept
+    from nin.training.memory import _FreedMemoryKept
 
     probes = [matmul_peak(torch.device("cpu"), torch.bfloat16) for _ in range(args.rounds)]
     cases = {}
@@ -447,8 +447,8 @@ def mode_steps(args) -> None:
 
 def mode_infer(args) -> None:
     """evaluate() over 10 batches of 128 test images (bf16 autocast, eval mode), median of ``--rounds``."""
-    from nin.data.idx import load_split
     from nin.data.loader import DeviceLoader
+    from nin.data.sources import load_split
     from nin.models import create_model, init_weights
     from nin.training.trainer import evaluate
 
@@ -499,7 +499,7 @@ def mode_micro(args) -> None:
     import torch.nn.functional as F
 
     import nin.models.nin as M
-    from nin.training.trainer import _FreedMemoryKept
+    from nin.training.memory import _FreedMemoryKept
 
     torch.manual_seed(0)
     cl = torch.channels_last
@@ -619,8 +619,8 @@ def mode_check(args) -> None:
     # exact resume on the fused path: 12 bf16 steps straight vs 5 steps, state saved and loaded, 7 more
     import copy
 
-    from nin.data.idx import load_split
     from nin.data.loader import DeviceLoader
+    from nin.data.sources import load_split
     from nin.training.config import TrainConfig
     from nin.training.trainer import Trainer
 

@@ -15,7 +15,8 @@ import os
 import pytest
 import torch
 
-from nin.data.idx import DataError, find_files
+from nin.data.idx import DataError
+from nin.data.sources import find_files
 from nin.training.precision import AMP_ENV, amp_choice
 
 PRECISIONS = ("auto", "none", "bf16", "fp16")

@@ -22,7 +22,7 @@ from nin.analysis.bench import (
 from nin.cli.main import main
 from nin.errors import NinError
 from nin.training.config import preset
-from nin.training.trainer import _FreedMemoryKept
+from nin.training.memory import _FreedMemoryKept
 
 CPU = torch.device("cpu")
 TINY = dict(warmup=1, steps=1, repeats=2, latency_runs=2, data="synthetic")

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from nin.cli.main import main
-from nin.data.idx import DataError, find_files
+from nin.data.idx import DataError
+from nin.data.sources import find_files
 from nin.inference.trained import load_trained
 from nin.training import checkpoint as ckpt
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from nin.data import idx as data
+from nin.data import sources
 from nin.data.idx import DataError, IdxDataset
 
 REAL_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -224,7 +225,7 @@ def test_unknown_dataset_and_split(tmp_path):
     with pytest.raises(DataError, match="unknown data set 'cifar'"):
         data.class_names("cifar")
     with pytest.raises(DataError, match="no split 'valid'"):
-        data.load_split(make_spec(tmp_path), "valid", data_dir=tmp_path)
+        sources.load_split(make_spec(tmp_path), "valid", data_dir=tmp_path)
 
 
 # ---------------------------------------------------------------- loading
@@ -234,7 +235,7 @@ def test_unknown_dataset_and_split(tmp_path):
 def test_load_split(tmp_path, gz):
     contents = make_files(tmp_path / "d", gz=gz)
     spec = make_spec(tmp_path, sha256=digests(contents))
-    images, labels = data.load_split(spec, "train", data_dir=tmp_path / "d", download=False)
+    images, labels = sources.load_split(spec, "train", data_dir=tmp_path / "d", download=False)
     expected_images, expected_labels = split_arrays("train")
     assert images.dtype == torch.uint8 and images.shape == (6, 1, 4, 4)
     assert images.is_contiguous()
@@ -242,7 +243,7 @@ def test_load_split(tmp_path, gz):
     np.testing.assert_array_equal(images[:, 0].numpy(), expected_images)
     np.testing.assert_array_equal(labels.numpy(), expected_labels)
 
-    loaded = data.load(spec, "test", data_dir=tmp_path / "d", download=False)
+    loaded = sources.load(spec, "test", data_dir=tmp_path / "d", download=False)
     assert loaded.classes == ("a", "b", "c")
     assert loaded.images.shape == (4, 1, 4, 4)
     assert loaded.images_path.parent == tmp_path / "d"
@@ -252,7 +253,7 @@ def test_count_mismatch_between_images_and_labels(tmp_path):
     make_files(tmp_path, gz=False)
     write(tmp_path / "train-labels-idx1-ubyte", idx_bytes(np.zeros(5, dtype=np.uint8)), gz=False)
     with pytest.raises(DataError, match="6 images but .* has 5 labels"):
-        data.load_split(make_spec(tmp_path), "train", data_dir=tmp_path, download=False)
+        sources.load_split(make_spec(tmp_path), "train", data_dir=tmp_path, download=False)
 
 
 def test_count_mismatch_with_spec(tmp_path):
@@ -260,14 +261,14 @@ def test_count_mismatch_with_spec(tmp_path):
     write(tmp_path / "t10k-images-idx3-ubyte", idx_bytes(np.zeros((3, 4, 4), np.uint8)), gz=False)
     write(tmp_path / "t10k-labels-idx1-ubyte", idx_bytes(np.zeros(3, np.uint8)), gz=False)
     with pytest.raises(DataError, match="3 images, expected 4"):
-        data.load_split(make_spec(tmp_path), "test", data_dir=tmp_path, download=False)
+        sources.load_split(make_spec(tmp_path), "test", data_dir=tmp_path, download=False)
 
 
 def test_wrong_image_shape(tmp_path):
     make_files(tmp_path, gz=False)
     write(tmp_path / "t10k-images-idx3-ubyte", idx_bytes(np.zeros((4, 5, 4), np.uint8)), gz=False)
     with pytest.raises(DataError, match=r"expected \(N, 4, 4\)"):
-        data.load_split(make_spec(tmp_path), "test", data_dir=tmp_path, download=False)
+        sources.load_split(make_spec(tmp_path), "test", data_dir=tmp_path, download=False)
 
 
 def test_labels_out_of_range(tmp_path):
@@ -275,7 +276,7 @@ def test_labels_out_of_range(tmp_path):
     bad = np.array([0, 1, 2, 3], dtype=np.uint8)
     path = write(tmp_path / "t10k-labels-idx1-ubyte", idx_bytes(bad), gz=False)
     with pytest.raises(DataError, match="label 3 out of range for 3 classes") as err:
-        data.load_split(make_spec(tmp_path), "test", data_dir=tmp_path, download=False)
+        sources.load_split(make_spec(tmp_path), "test", data_dir=tmp_path, download=False)
     assert str(path) in str(err.value)
 
 
@@ -285,14 +286,14 @@ def test_checksum_mismatch_names_file(tmp_path):
     sums["t10k-images-idx3-ubyte"] = "ab" * 32
     spec = make_spec(tmp_path, sha256=sums)
     with pytest.raises(DataError, match="checksum mismatch") as err:
-        data.load_split(spec, "test", data_dir=tmp_path, download=False)
+        sources.load_split(spec, "test", data_dir=tmp_path, download=False)
     message = str(err.value)
     assert str(tmp_path / "t10k-images-idx3-ubyte.gz") in message
     assert "abababab" in message
     assert sums["t10k-images-idx3-ubyte"] not in message  # a prefix, not the full digest
     assert digests(contents)["t10k-images-idx3-ubyte"][:16] in message
     # verify=False skips the digest but still parses and checks the data
-    images, _ = data.load_split(spec, "test", data_dir=tmp_path, download=False, verify=False)
+    images, _ = sources.load_split(spec, "test", data_dir=tmp_path, download=False, verify=False)
     assert images.shape == (4, 1, 4, 4)
 
 
@@ -301,13 +302,13 @@ def test_checksum_mismatch_names_file(tmp_path):
 
 def test_lookup_order(tmp_path, monkeypatch):
     spec = make_spec(tmp_path)
-    user, cache, debian = tmp_path / "user", data.cache_dir(spec), tmp_path / "debian"
+    user, cache, debian = tmp_path / "user", sources.cache_dir(spec), tmp_path / "debian"
     for directory in (user, cache, debian):
         make_files(directory)
     assert cache == tmp_path / "cache" / "nin" / "fake"
 
     def images_dir(**kwargs) -> Path:
-        found = data.find_files(spec, download=False, **kwargs)
+        found = sources.find_files(spec, download=False, **kwargs)
         return found["train-images-idx3-ubyte"].parent
 
     assert images_dir(data_dir=user) == user
@@ -329,7 +330,7 @@ def test_lookup_order(tmp_path, monkeypatch):
 def test_plain_file_preferred_over_gz(tmp_path):
     make_files(tmp_path, gz=True)
     make_files(tmp_path, gz=False)
-    found = data.find_files(make_spec(tmp_path), tmp_path, download=False, splits=["test"])
+    found = sources.find_files(make_spec(tmp_path), tmp_path, download=False, splits=["test"])
     assert set(found) == {"t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"}
     assert all(path.suffix != ".gz" for path in found.values())
 
@@ -338,7 +339,7 @@ def test_offline_message(tmp_path):
     spec = make_spec(tmp_path, mirrors=("http://mirror.invalid/fake/",))
     (tmp_path / "empty").mkdir()  # a named directory must exist
     with pytest.raises(DataError) as err:
-        data.load_split(spec, "test", data_dir=tmp_path / "empty", opener=failing_opener)
+        sources.load_split(spec, "test", data_dir=tmp_path / "empty", opener=failing_opener)
     message = str(err.value)
     assert "\n" not in message
     assert "--data-dir" in message and "NIN_DATA_DIR" in message
@@ -351,20 +352,20 @@ def test_offline_message(tmp_path):
 def test_offline_message_with_unreachable_file_url(tmp_path):
     spec = make_spec(tmp_path, mirrors=((tmp_path / "nowhere").as_uri() + "/",))
     with pytest.raises(DataError, match="--data-dir.*apt-get install.*file://"):
-        data.find_files(spec)
+        sources.find_files(spec)
 
 
 def test_no_download_message(tmp_path):
     with pytest.raises(DataError, match="downloading was disabled") as err:
-        data.find_files(make_spec(tmp_path), download=False)
+        sources.find_files(make_spec(tmp_path), download=False)
     assert "--data-dir" in str(err.value) and PACKAGE in str(err.value)
 
 
 def test_real_spec_message_names_debian_package(tmp_path):
-    message = data.how_to_get(data.FASHION_MNIST, ["t10k-images-idx3-ubyte"], [tmp_path])
+    message = sources.how_to_get(data.FASHION_MNIST, ["t10k-images-idx3-ubyte"], [tmp_path])
     assert "apt-get install dataset-fashion-mnist" in message
     assert "fashion-mnist.s3-website.eu-central-1.amazonaws.com" in message
-    assert "apt-get" not in data.how_to_get(data.MNIST, ["x"], [tmp_path])
+    assert "apt-get" not in sources.how_to_get(data.MNIST, ["x"], [tmp_path])
 
 
 # ---------------------------------------------------------------- download
@@ -378,7 +379,7 @@ def test_download_into_data_dir(tmp_path):
     ))
     target = tmp_path / "target"
     target.mkdir()  # a named directory must exist; missing files are downloaded into it
-    images, labels = data.load_split(spec, "test", data_dir=target)
+    images, labels = sources.load_split(spec, "test", data_dir=target)
     assert images.shape == (4, 1, 4, 4) and labels.shape == (4,)
     assert sorted(p.name for p in target.iterdir()) == [
         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
@@ -389,7 +390,7 @@ def test_download_into_cache(tmp_path):
     contents = make_files(tmp_path / "mirror", gz=True)
     spec = make_spec(tmp_path, sha256=digests(contents),
                      mirrors=((tmp_path / "mirror").as_uri(),))
-    found = data.find_files(spec)
+    found = sources.find_files(spec)
     cache = tmp_path / "cache" / "nin" / "fake"
     assert {p.parent for p in found.values()} == {cache}
     assert sorted(p.name for p in cache.iterdir()) == sorted(f"{n}.gz" for n in contents)
@@ -403,7 +404,7 @@ def test_download_checksum_failure_leaves_nothing(tmp_path):
     target = tmp_path / "target"
     target.mkdir()
     with pytest.raises(DataError, match="checksum mismatch") as err:
-        data.find_files(spec, data_dir=target, splits=["test"])
+        sources.find_files(spec, data_dir=target, splits=["test"])
     assert "t10k-images-idx3-ubyte" in str(err.value)
     assert "cdcdcdcd" in str(err.value)
     assert not target.exists() or not any(target.iterdir())
@@ -415,7 +416,7 @@ def test_download_corrupt_body_leaves_nothing(tmp_path):
     (mirror / "x.gz").write_bytes(gz_of_images()[:100])
     dest = tmp_path / "target" / "x.gz"
     with pytest.raises(DataError, match="corrupt gzip"):
-        data.download_file([(mirror / "x.gz").as_uri()], dest, None)
+        sources.download_file([(mirror / "x.gz").as_uri()], dest, None)
     assert not dest.parent.exists() or not any(dest.parent.iterdir())
 
 
@@ -428,14 +429,14 @@ def test_download_never_overwrites(tmp_path):
         calls.append(url)
         raise AssertionError("must not download")
 
-    assert data.download_file(["http://mirror.invalid/x.gz"], dest, None, opener) == dest
+    assert sources.download_file(["http://mirror.invalid/x.gz"], dest, None, opener) == dest
     assert dest.read_bytes() == b"existing" and calls == []
 
 
 def test_write_atomically_keeps_existing(tmp_path):
     dest = tmp_path / "x"
     dest.write_bytes(b"old")
-    data.write_atomically(dest, b"new")
+    sources.write_atomically(dest, b"new")
     assert dest.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["x"]
 
@@ -449,7 +450,7 @@ def test_write_atomically_keeps_existing(tmp_path):
     "(apt-get install dataset-fashion-mnist)",
 )
 def test_real_fashion_mnist_test_split():
-    loaded = data.load("fashion-mnist", "test", download=False, verify=True)
+    loaded = sources.load("fashion-mnist", "test", download=False, verify=True)
     images, labels = loaded.images, loaded.labels
     assert images.shape == (10000, 1, 28, 28)
     assert images.dtype == torch.uint8 and images.is_contiguous()

@@ -24,7 +24,7 @@ from PIL import Image
 
 from nin.atomic import WriteError
 from nin.cli.main import main
-from nin.data import cifar, folder
+from nin.data import cifar, folder, sources
 from nin.data import idx as data
 from nin.errors import NinError
 
@@ -676,7 +676,7 @@ def idx_copy(tmp_path, fashion_mnist) -> Path:
 
     d = tmp_path / "fmnist"
     d.mkdir()
-    found = data.find_files("fashion-mnist", download=False)
+    found = sources.find_files("fashion-mnist", download=False)
     for name, src in found.items():
         if name.startswith("t10k"):
             shutil.copy2(src, d / src.name)
@@ -688,13 +688,13 @@ def idx_copy(tmp_path, fashion_mnist) -> Path:
 @pytest.mark.slow
 def test_a_changed_idx_file_is_one_line_not_old_data(capsys, idx_copy, tmp_path):
     """IDX files have no cache: each run reads and checks them again."""
-    first = data.load("fashion-mnist", "test", idx_copy, download=False)
+    first = sources.load("fashion-mnist", "test", idx_copy, download=False)
     labels = next(idx_copy.glob("t10k-labels*"))
     raw = bytearray(labels.read_bytes())
     raw[-20] ^= 0xFF  # same size, one byte different, mtime set back
     rewrite_keeping_size_and_mtime(labels, bytes(raw))
     with pytest.raises(data.DataError, match=re.escape(str(labels))):
-        data.load("fashion-mnist", "test", idx_copy, download=False)
+        sources.load("fashion-mnist", "test", idx_copy, download=False)
     images = next(idx_copy.glob("t10k-images*"))
     images.write_bytes(images.read_bytes()[:-1000])  # truncated
     code, out, err = run(capsys, "train", "--data-dir", idx_copy, "--no-checksum", "--subset", "64",

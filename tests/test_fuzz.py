@@ -51,7 +51,7 @@ from safetensors.torch import load_file
 
 from nin.data import cifar, folder
 from nin.data.idx import DataError, IdxDataset, parse_idx, read_idx
-from nin.data.idx import load as load_idx_split
+from nin.data.sources import load as load_idx_split
 from nin.inference.trained import load_trained
 from nin.models import create_model
 from nin.training import checkpoint as ckpt

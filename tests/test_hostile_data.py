@@ -48,7 +48,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from nin.cli.main import main
-from nin.data import DataConfig, cifar, folder, load_splits
+from nin.data import DataConfig, cifar, folder, load_splits, sources
 from nin.data import idx as data
 from nin.data.idx import DataError
 from nin.inference import predict
@@ -69,7 +69,7 @@ def isolated_env(tmp_path, monkeypatch):
 @pytest.fixture
 def real_files(fashion_mnist) -> dict[str, Path]:
     """The real Fashion-MNIST files (the Debian package's), by name."""
-    return data.find_files("fashion-mnist", download=False)
+    return sources.find_files("fashion-mnist", download=False)
 
 
 # ---------------------------------------------------------------- helpers
@@ -210,7 +210,7 @@ def test_a_bomb_posing_as_fashion_mnist_is_refused_within_the_memory_of_the_real
     d = fashion_dir(tmp_path / "d", real_files, **{"train-images-idx3-ubyte": None})
     bomb = gzip_bomb(d / "train-images-idx3-ubyte.gz", idx_header((60000, 28, 28)), mib=256)
     with peak_memory() as mem, pytest.raises(DataError) as err:
-        data.load("fashion-mnist", "train", d, download=False)
+        sources.load("fashion-mnist", "train", d, download=False)
     one_line(str(err.value), bomb, f"unexpected trailing bytes after {TRAIN_IMAGES_BYTES} bytes of data")
     assert mem["peak"] < TRAIN_IMAGES_BYTES + 8 * MiB, mem  # the array it would have been, not 256 MiB
 
@@ -219,7 +219,7 @@ def test_a_header_declaring_more_images_than_the_data_set_has_is_refused_before_
     d = fashion_dir(tmp_path / "d", real_files, **{"train-images-idx3-ubyte": None})
     gzip_bomb(d / "train-images-idx3-ubyte.gz", idx_header((1_000_000, 28, 28)), mib=64)
     with counted_reads() as reads, pytest.raises(DataError, match="1000000 images but .* has 60000 labels"):
-        data.load("fashion-mnist", "train", d, download=False)
+        sources.load("fashion-mnist", "train", d, download=False)
     assert reads["total"] <= 16 + 8  # two headers
 
 
@@ -260,7 +260,7 @@ def test_a_downloaded_bomb_is_refused_in_a_stream_and_nothing_is_kept(tmp_path):
         return contextlib.nullcontext(io.BytesIO((mirror / url.rsplit("/", 1)[1]).read_bytes()))
 
     with peak_memory() as mem, pytest.raises(DataError) as err:
-        data.find_files(data.FASHION_MNIST, target, splits=["test"], opener=opener)
+        sources.find_files(data.FASHION_MNIST, target, splits=["test"], opener=opener)
     assert "unexpected trailing bytes after 7840000 bytes of data" in str(err.value)
     assert list(target.iterdir()) == []
     assert mem["peak"] < 8 * MiB, mem  # the body (a quarter MiB) and a chunk, never the 200 MiB inside
@@ -536,15 +536,15 @@ def test_a_data_file_that_is_not_a_regular_file_is_an_error_not_skipped(tmp_path
     bad = tmp_path / "d" / "train-images-idx3-ubyte"
     make(bad)
     with within(10), pytest.raises(DataError) as err:
-        data.find_files("fashion-mnist", d, download=False)
+        sources.find_files("fashion-mnist", d, download=False)
     one_line(str(err.value), bad, what)
 
 
 def test_a_data_file_that_is_a_directory_in_the_cache_is_named(tmp_path, real_files):
-    (data.cache_dir("fashion-mnist") / "t10k-labels-idx1-ubyte").mkdir(parents=True)
+    (sources.cache_dir("fashion-mnist") / "t10k-labels-idx1-ubyte").mkdir(parents=True)
     with pytest.raises(DataError) as err:  # was: passed over for the Debian package's copy
-        data.load("fashion-mnist", "test", download=False)
-    one_line(str(err.value), data.cache_dir("fashion-mnist") / "t10k-labels-idx1-ubyte", "a directory")
+        sources.load("fashion-mnist", "test", download=False)
+    one_line(str(err.value), sources.cache_dir("fashion-mnist") / "t10k-labels-idx1-ubyte", "a directory")
 
 
 # ---------------------------------------------------------------- a named data directory is the one used
@@ -553,10 +553,10 @@ def test_a_data_file_that_is_a_directory_in_the_cache_is_named(tmp_path, real_fi
 def test_a_missing_data_dir_is_an_error_even_when_the_data_is_elsewhere(tmp_path, real_files):
     missing = tmp_path / "no" / "such"
     with pytest.raises(DataError) as err:  # was: trained on the Debian package's copy without a word
-        data.find_files("fashion-mnist", missing, download=False)
+        sources.find_files("fashion-mnist", missing, download=False)
     one_line(str(err.value), missing, "no such directory")
     with pytest.raises(DataError, match="no such directory"):
-        data.find_files("fashion-mnist", missing)  # nor is it created to download into
+        sources.find_files("fashion-mnist", missing)  # nor is it created to download into
     assert not missing.exists()
 
 
@@ -564,29 +564,29 @@ def test_a_data_dir_that_is_a_file_is_an_error(tmp_path, real_files):
     afile = tmp_path / "afile"
     afile.write_bytes(b"")
     with pytest.raises(DataError) as err:
-        data.find_files("fashion-mnist", afile, download=False)
+        sources.find_files("fashion-mnist", afile, download=False)
     one_line(str(err.value), afile, "a regular file, not a folder")
     with pytest.raises(DataError, match="a loop of symbolic links"):
-        data.find_files("fashion-mnist", loop(tmp_path / "loop"), download=False)
+        sources.find_files("fashion-mnist", loop(tmp_path / "loop"), download=False)
 
 
 def test_a_missing_nin_data_dir_is_an_error_naming_it(tmp_path, real_files, monkeypatch):
     monkeypatch.setenv("NIN_DATA_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(DataError) as err:
-        data.load("fashion-mnist", "test", download=False)
+        sources.load("fashion-mnist", "test", download=False)
     one_line(str(err.value), f"NIN_DATA_DIR={tmp_path / 'nowhere'}", "no such directory")
 
 
 def test_a_named_data_dir_is_the_only_place_looked(tmp_path, real_files):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert data.search_dirs("fashion-mnist", empty) == [empty]
+    assert sources.search_dirs("fashion-mnist", empty) == [empty]
     with pytest.raises(data.NotFoundError) as err:  # the Debian package's copy is not used instead
-        data.find_files("fashion-mnist", empty, download=False)
+        sources.find_files("fashion-mnist", empty, download=False)
     one_line(str(err.value), empty, "downloading was disabled")
     assert str(real_files["t10k-images-idx3-ubyte"].parent) not in str(err.value)
     d = fashion_dir(tmp_path / "d", real_files)
-    assert {p.parent for p in data.find_files("fashion-mnist", d, download=False).values()} == {d}
+    assert {p.parent for p in sources.find_files("fashion-mnist", d, download=False).values()} == {d}
 
 
 def test_a_named_cifar_dir_must_exist_and_is_the_only_place_looked(tmp_path):

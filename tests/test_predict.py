@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from nin.cli.main import main
-from nin.data.idx import load_split
 from nin.data.loader import DeviceLoader
+from nin.data.sources import load_split
 from nin.inference.trained import load_trained
 
 

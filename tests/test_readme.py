@@ -82,7 +82,8 @@ def test_study_reports_are_what_their_recorded_runs_give(report):
     """Each committed report.md re-renders, byte for byte, from the results.jsonl recorded beside it."""
     import json
 
-    from nin.experiments.study import STUDIES, StudyConfig, load_records, render_report
+    from nin.experiments.study import STUDIES, StudyConfig, load_records
+    from nin.experiments.study_report import render_report
 
     meta = json.loads((report.parent / "study.json").read_text())
     study = STUDIES[meta["study"]]

@@ -21,8 +21,8 @@ from nin.experiments.study import (
     load_records,
     run_study,
     variant_config,
-    write_report,
 )
+from nin.experiments.study_report import write_report
 from nin.training.config import override, preset
 
 CASES = [(s, b, v) for s in STUDIES.values() for b in BUDGETS for v in s.budgets[b].variants]

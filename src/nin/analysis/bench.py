@@ -197,7 +197,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, *, min_seconds: float 
 def bench_data(cfg: BenchConfig, channels: int, device: torch.device):
     """(train images, train labels, test images, test labels, description): uint8 on ``device``."""
     if cfg.data != "synthetic" and channels == 1:
-        from nin.data.idx import DataError, load_split
+        from nin.data.idx import DataError
+        from nin.data.sources import load_split
 
         try:
             xtr, ytr = load_split("fashion-mnist", "train", cfg.data_dir, False)
@@ -257,13 +258,13 @@ def fast_case(cfg: BenchConfig, data, device: torch.device, flops: tuple[int, in
               name: str = "nin") -> tuple[CaseResult, int]:
     """Time the project's own path; returns the result and the steps per block it used.
 
-    The whole case runs inside one :class:`nin.training.trainer._FreedMemoryKept` (what each ``fit`` and ``evaluate``
+    The whole case runs inside one :class:`nin.training.memory._FreedMemoryKept` (what each ``fit`` and ``evaluate``
     enters on a CPU), so that its warm-up also warms the allocator: otherwise each of the case's several
     ``fit``/``evaluate`` calls would give its memory back on leaving and start its first timed step or
     batch by page-faulting it in again, a start-up cost a real run pays once (the 3-batch inference
     blocks measured 560 img/s that way, 769-874 without it). The seed's way runs outside it, as the seed did.
     """
-    from nin.training.trainer import _FreedMemoryKept
+    from nin.training.memory import _FreedMemoryKept
 
     with _FreedMemoryKept(device):
         return _fast_case(cfg, data, device, flops, peaks, name)
@@ -271,7 +272,7 @@ def fast_case(cfg: BenchConfig, data, device: torch.device, flops: tuple[int, in
 
 def _fast_case(cfg: BenchConfig, data, device: torch.device, flops: tuple[int, int], peaks: dict[str, float],
                name: str) -> tuple[CaseResult, int]:
-    from nin.training.trainer import _FreedMemoryKept
+    from nin.training.memory import _FreedMemoryKept
 
     xtr, ytr, xte, yte = data[:4]
     size = cfg.size or model_entry(cfg.model).input_size[1]

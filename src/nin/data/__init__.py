@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from nin.bounds import MAX_IMAGE_SIDE, bounded, check_ranges, setting
-from nin.data import cifar
+from nin.data import cifar, sources
 from nin.data import idx as data
 from nin.data.idx import DataError, Split
 from nin.errors import did_you_mean
@@ -107,7 +107,7 @@ def image_shape(dataset: str) -> tuple[int, int, int] | None:
 def _load_named(d: DataConfig, split: str) -> Split:
     if d.dataset in cifar.CIFAR:
         return cifar.load(d.dataset, split, d.data_dir, d.download, d.verify)
-    return data.load(d.dataset, split, d.data_dir, d.download, d.verify)
+    return sources.load(d.dataset, split, d.data_dir, d.download, d.verify)
 
 
 def _as_split(f) -> Split:
@@ -129,7 +129,7 @@ def load_splits(
     from nin.data.folder import load_image_folder, split_folder
 
     on_error: Literal["fail", "skip"] = "skip" if d.skip_bad_images else "fail"
-    opts = dict(channels=channels, size=size, on_error=on_error, cache_dir=data.cache_dir("folders"),
+    opts = dict(channels=channels, size=size, on_error=on_error, cache_dir=sources.cache_dir("folders"),
                 max_pixels=d.max_pixels)
     train = load_image_folder(root, **opts)
     if d.test_dir:
@@ -145,15 +145,15 @@ def load_splits(
 
 def _idx_status(spec: data.IdxDataset, data_dir: str | None) -> tuple[str, str]:
     try:
-        found = data.find_files(spec, data_dir, download=False)
+        found = sources.find_files(spec, data_dir, download=False)
     except data.NotFoundError:
         return "not found", "-"
     except DataError as e:  # something that is not a regular file where a data file would be
-        return ", ".join(map(str, data.search_dirs(spec, data_dir))), f"BAD: {e}"
+        return ", ".join(map(str, sources.search_dirs(spec, data_dir))), f"BAD: {e}"
     where = sorted({str(p.parent) for p in found.values()})
     try:
         for name, path in found.items():
-            data.check_file(spec, name, path)  # in a stream: memory is one chunk, whatever the file holds
+            sources.check_file(spec, name, path)  # in a stream: memory is one chunk, whatever the file holds
     except DataError as e:
         return ", ".join(where), f"BAD: {e}"
     return ", ".join(where), "ok (SHA-256 of the decompressed files)"
@@ -163,7 +163,7 @@ def _cifar_status(spec: cifar.CifarDataset, data_dir: str | None) -> tuple[str, 
     try:
         path, _ = cifar.find_archive(spec, data_dir)
     except DataError as e:  # something that is not a regular file where the archive would be
-        return str(data.user_data_dir(data_dir) or cifar.cache_dir(spec.name)), f"BAD: {e}"
+        return str(sources.user_data_dir(data_dir) or cifar.cache_dir(spec.name)), f"BAD: {e}"
     if path is None:
         return "not found", "-"
     try:
@@ -180,7 +180,7 @@ def status(data_dir: str | None = None) -> list[dict[str, object]]:
     :class:`DataError` naming it); without, the places training looks. Every file is checked in a stream
     (a bad or oversized file is a ``BAD: ...`` row), so memory stays bounded whatever the files hold.
     """
-    data.user_data_dir(data_dir)  # a named directory that does not exist is one error, not four rows
+    sources.user_data_dir(data_dir)  # a named directory that does not exist is one error, not four rows
     rows = []
     for name, info in NAMES.items():
         where, check = (_cifar_status(cifar.CIFAR[name], data_dir) if name in cifar.CIFAR

@@ -40,17 +40,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from nin.data.idx import (
-    DataError,
-    DownloadError,
-    Opener,
-    Split,
-    cache_dir,
-    download_file,
-    existing_file,
-    save_cache_file,
-    user_data_dir,
-)
+from nin.data.idx import DataError, DownloadError, Split
+from nin.data.sources import Opener, cache_dir, download_file, existing_file, save_cache_file, user_data_dir
 from nin.files import open_regular, os_reason
 
 CACHE_VERSION = 1

@@ -69,7 +69,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import safe_open
 
-from nin.data.idx import DataError, save_cache_file
+from nin.data.idx import DataError
+from nin.data.sources import save_cache_file
 from nin.files import check_dir, open_regular, os_reason
 
 FORMAT_VERSION = 1

@@ -244,7 +244,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from nin.experiments.study import STUDIES, StudyConfig, get_study, run_study, write_report
+    from nin.experiments.study import STUDIES, StudyConfig, get_study, run_study
+    from nin.experiments.study_report import write_report
 
     if args.list or not args.name:
         for s in STUDIES.values():
