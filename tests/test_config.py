@@ -151,3 +151,20 @@ def test_train_flags_are_derived_from_the_config_fields():
     assert settings_given(args) == {"train.label_smoothing": 0.05, "train.nesterov": False, "train.schedule": "step"}
     assert settings_given(train.parse_args(["--no-download", "--checkpoint-every", "5"])) == {
         "data.download": False, "checkpoint.every_steps": 5}
+
+
+def test_every_documented_setting_of_a_run_is_a_flag_of_nin_train():
+    """A field with help text is a flag, with no list to update: the flags of nin train are the fields."""
+    from dataclasses import fields
+
+    from nin.cli.main import build_parser
+    from nin.cli.options import SETTING
+    from nin.data import DataConfig
+    from nin.training.config import CheckpointConfig, ModelConfig, RunConfig, TrainConfig
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    dests = {a.dest for a in train._actions}
+    for cls, section in ((TrainConfig, "train."), (DataConfig, "data."), (CheckpointConfig, "checkpoint."),
+                         (ModelConfig, "model."), (RunConfig, "")):
+        documented = [f.name for f in fields(cls) if f.metadata.get("help")]
+        assert documented and all(SETTING + section + name in dests for name in documented), cls.__name__

@@ -138,6 +138,11 @@ def add_settings(group, cls: type, section: str, names: tuple[str, ...], *, plai
         group.add_argument(*(meta.get("flags") or (f"--{name.replace('_', '-')}",)), **kw)
 
 
+def flagged(cls: type, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The fields of ``cls`` that have a flag (those with help text), in declaration order, less ``exclude``."""
+    return tuple(f.name for f in fields(cls) if f.metadata.get("help") and f.name not in exclude)
+
+
 def settings_given(args: argparse.Namespace) -> dict:
     """The settings the flags of :func:`add_settings` set, by dotted path: ``{"train.lr": 0.1, ...}``."""
     return {k[len(SETTING):]: v for k, v in vars(args).items() if k.startswith(SETTING) and v is not None}

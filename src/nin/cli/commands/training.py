@@ -19,6 +19,7 @@ from nin.cli.options import (
     _ranged,
     add_settings,
     flag_of,
+    flagged,
     settings_given,
 )
 from nin.data import DataConfig
@@ -26,14 +27,6 @@ from nin.errors import NinError
 from nin.training.config import CheckpointConfig, ModelConfig, RunConfig, TrainConfig
 
 EXIT_USAGE = 2
-
-
-# The flags of nin train, by section: each is a config field, its flag derived from it (nin.cli.options).
-DATA_FLAGS = ("dataset", "data_dir", "download", "verify", "test_dir", "test_fraction", "max_pixels", "skip_bad_images",
-              "subset", "test_subset", "holdout", "resize", "crop_padding", "flip", "normalize", "whiten")
-OPTIMIZATION_FLAGS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup",
-                      "milestones", "gamma", "label_smoothing", "max_steps", "on_diverge", "rollback_factor",
-                      "max_rollbacks")
 
 
 def add_parsers(sub) -> None:
@@ -46,8 +39,10 @@ def add_parsers(sub) -> None:
     add_settings(p, ModelConfig, "model", ("name",))
     _add_model_options(p)
     add_settings(p, ModelConfig, "model", ("init",))
-    add_settings(p.add_argument_group("data"), DataConfig, "data", DATA_FLAGS)
-    add_settings(p.add_argument_group("optimization"), TrainConfig, "train", OPTIMIZATION_FLAGS)
+    # Every field with help text gets its flag: a new setting is one field (nin.cli.options.flagged).
+    add_settings(p.add_argument_group("data"), DataConfig, "data", flagged(DataConfig))
+    add_settings(p.add_argument_group("optimization"), TrainConfig, "train",
+                 flagged(TrainConfig, exclude=(*SPEED, "eval_batch_size")))
     g = p.add_argument_group("speed")
     add_settings(g, TrainConfig, "train", (*SPEED, "eval_batch_size"))
     g.add_argument("--threads", type=flag_type(THREADS, int), help="CPU threads (default: all cores)")
@@ -94,9 +89,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--preset", help="recipe the trials start from (default: the config file's, else default)")
     p.add_argument("--config", type=_path, metavar="FILE",
                    help="base settings from a TOML, YAML or JSON file (over --preset)")
-    p.add_argument("--model", help="registered model name (see `nin models`)")
-    p.add_argument("--dataset", "--data", dest="dataset", type=_path, help="as for nin train (default: the preset's)")
-    p.add_argument("--data-dir", type=_path, help="directory holding the data files (also NIN_DATA_DIR)")
+    add_settings(p, ModelConfig, "model", ("name",))
+    add_settings(p, DataConfig, "data", ("dataset", "data_dir"))
     p.add_argument("--holdout", type=_ranged("data.holdout", int), metavar="N",
                    help="validation images held out from the training split (default: 5000, at most a tenth)")
     p.add_argument("--subset", type=_ranged("data.subset", int), metavar="N",
@@ -113,8 +107,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--study-name", default="nin-tune", help="study in the storage; continued if it exists")
     p.add_argument("--threads", type=flag_type(THREADS, int), metavar="N",
                    help="torch threads per worker (default: cores / workers)")
-    p.add_argument("--device", help="auto, cpu or cuda[:N] (default: the preset's)")
-    p.add_argument("--seed", type=_ranged("run.seed", int), help="training seed of every trial and seed of the sampler")
+    add_settings(p, RunConfig, "", ("device", "seed"))  # the seed: every trial's, and the sampler's
     p.add_argument("--out", type=_path,
                    help="directory for tune.db, trials/ and best.yaml (default runs/tune-DATE); an "
                         "existing one is continued")
@@ -285,9 +278,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         base = load_config(args.config, args.preset)
     else:
         base = preset(args.preset or "default")
-    given = {"model.name": args.model, "data.dataset": args.dataset, "data.data_dir": args.data_dir,
-             "seed": args.seed, "device": args.device}
-    base = override(base, {k: v for k, v in given.items() if v is not None})
+    base = override(base, settings_given(args))
     out = Path(args.out) if args.out else Path("runs") / f"tune-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     tc = TuneConfig(base=base, out=out, trials=args.trials, workers=args.workers,
                     storage=args.storage, study_name=args.study_name, max_epochs=args.max_epochs,
