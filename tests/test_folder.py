@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nin.data import folder
+from nin.data import images as decoding
 from nin.data.folder import FolderSplit, load_image_folder, split_folder
 from nin.data.idx import DataError
 
@@ -307,12 +308,12 @@ def test_bad_options(mixed: Path, options: dict) -> None:
 
 
 class DecodeCounter:
-    """Wraps folder.decode_image, counting calls; raises when ``fail`` is set."""
+    """Wraps decode_image as the folder loader calls it, counting calls; raises when ``fail`` is set."""
 
     def __init__(self) -> None:
         self.calls = 0
         self.fail = False
-        self.real = folder.decode_image
+        self.real = decoding.decode_image
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
@@ -324,7 +325,7 @@ class DecodeCounter:
 @pytest.fixture
 def decode(monkeypatch: pytest.MonkeyPatch) -> DecodeCounter:
     counter = DecodeCounter()
-    monkeypatch.setattr(folder, "decode_image", counter)
+    monkeypatch.setattr(folder, "decode_image", counter)  # as the folder loader calls it
     return counter
 
 

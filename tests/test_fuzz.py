@@ -5,7 +5,7 @@ Readers covered: IDX files (``nin.data.idx``), CIFAR batch pickles, archives and
 (``nin.training.checkpoint`` and ``nin.inference.trained.load_trained``). The documented error is
 :class:`nin.data.DataError` for data files and :class:`nin.training.checkpoint.CheckpointError` for
 checkpoints, with a one-line message naming the file; a single image may raise only what
-:data:`nin.data.folder.DECODE_ERRORS` lists, which the folder loader turns into a ``DataError`` or a skipped
+:data:`nin.data.images.DECODE_ERRORS` lists, which the folder loader turns into a ``DataError`` or a skipped
 file. A cache is never fatal: a corrupt one is ignored and written again. Any other exception is a bug. When a
 read succeeds, its result must keep the reader's promises (dtype, shapes that agree with the header, labels in
 range, weights equal to the file's).
@@ -50,6 +50,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from nin.data import cifar, folder
+from nin.data import images as decoding
 from nin.data.idx import DataError, IdxDataset, parse_idx, read_idx
 from nin.data.sources import load as load_idx_split
 from nin.inference.trained import load_trained
@@ -529,8 +530,8 @@ def decode(path: Path, options: tuple) -> None:
     """decode_image raises only DECODE_ERRORS, and returns uint8 [channels, H, W]."""
     channels, size, fit = options
     try:
-        array = folder.decode_image(path, channels, size, fit)
-    except folder.DECODE_ERRORS as exc:
+        array = decoding.decode_image(path, channels, size, fit)
+    except decoding.DECODE_ERRORS as exc:
         event(f"decode_image: {type(exc).__name__}")
         return
     event("decode_image: read")

@@ -50,6 +50,7 @@ from PIL import Image, ImageFile
 from nin.cli.main import main
 from nin.data import DataConfig, cifar, folder, load_splits, sources
 from nin.data import idx as data
+from nin.data import images as decoding
 from nin.data.idx import DataError
 from nin.inference import predict
 
@@ -332,33 +333,33 @@ def test_a_12000_by_12000_png_is_refused_before_its_pixels_are_decoded(tmp_path,
     path.write_bytes(png_bytes(12000, 12000))
     assert path.stat().st_size < 64 * 1024
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("pixels decoded"))
-    with warnings.catch_warnings(), pytest.raises(folder.ImageError) as err:
+    with warnings.catch_warnings(), pytest.raises(decoding.ImageError) as err:
         warnings.simplefilter("error")  # Pillow's own bomb warning (above 89 M pixels) must not come first
-        folder.decode_image(path, 1, (28, 28), "crop")
+        decoding.decode_image(path, 1, (28, 28), "crop")
     assert err.value.reason == ("12000x12000 = 144,000,000 pixels, above the cap of 67,108,864 "
                                 "(raise it with --max-pixels)")
     one_line(str(err.value), path)
-    assert folder.MAX_PIXELS == 67_108_864 < Image.MAX_IMAGE_PIXELS
+    assert decoding.MAX_PIXELS == 67_108_864 < Image.MAX_IMAGE_PIXELS
 
 
 def test_an_image_above_pillows_own_limit_is_refused_in_our_words(tmp_path, monkeypatch):
     path = tmp_path / "huger.png"
     path.write_bytes(png_bytes(15000, 15000))  # 225 M pixels: Pillow raises its DecompressionBombError
-    with pytest.raises(folder.ImageError) as err:
-        folder.decode_image(path, 1, (28, 28), "crop")
+    with pytest.raises(decoding.ImageError) as err:
+        decoding.decode_image(path, 1, (28, 28), "crop")
     assert err.value.reason == "more than 178,956,970 pixels, above the cap of 67,108,864 (raise it with --max-pixels)"
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
     path.write_bytes(png_bytes(3000, 3000))
-    with pytest.raises(folder.ImageError, match=r"Pillow's own limit .* which --max-pixels does not raise"):
-        folder.decode_image(path, 1, (28, 28), "crop", max_pixels=10_000_000)
+    with pytest.raises(decoding.ImageError, match=r"Pillow's own limit .* which --max-pixels does not raise"):
+        decoding.decode_image(path, 1, (28, 28), "crop", max_pixels=10_000_000)
 
 
 def test_a_raised_cap_accepts_what_a_lower_one_refuses(tmp_path):
     path = tmp_path / "big.png"
     path.write_bytes(png_bytes(3000, 3000))
-    with pytest.raises(folder.ImageError, match=r"3000x3000 = 9,000,000 pixels, above the cap of 1,000,000"):
-        folder.decode_image(path, 1, (28, 28), "crop", max_pixels=1_000_000)
-    array = folder.decode_image(path, 1, (28, 28), "crop", max_pixels=10_000_000)
+    with pytest.raises(decoding.ImageError, match=r"3000x3000 = 9,000,000 pixels, above the cap of 1,000,000"):
+        decoding.decode_image(path, 1, (28, 28), "crop", max_pixels=1_000_000)
+    array = decoding.decode_image(path, 1, (28, 28), "crop", max_pixels=10_000_000)
     assert array.shape == (1, 28, 28) and array.dtype == np.uint8
     images, good, bad = predict.decode([path], 1, (28, 28), max_pixels=1_000_000)
     assert good == [] and bad == [(path, "3000x3000 = 9,000,000 pixels, above the cap of 1,000,000 "
@@ -375,10 +376,10 @@ def test_a_cap_above_pillows_limit_is_ours_not_pillows_warning(tmp_path, monkeyp
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5_000_000)  # 9M pixels: Pillow would warn
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a warning would fail the decode
-        array = folder.decode_image(path, 1, (28, 28), "crop", max_pixels=10_000_000)
+        array = decoding.decode_image(path, 1, (28, 28), "crop", max_pixels=10_000_000)
     assert array.shape == (1, 28, 28)
     before = list(warnings.filters)
-    folder.decode_image(path, 1, (28, 28), "crop", max_pixels=10_000_000)
+    decoding.decode_image(path, 1, (28, 28), "crop", max_pixels=10_000_000)
     assert warnings.filters == before  # nothing left behind
 
 
@@ -419,8 +420,8 @@ def test_an_image_that_is_not_a_regular_file_is_named_never_read(tmp_path, make,
     with within(10):
         images, good, bad = predict.decode([path], 1, (28, 28))
         assert good == [] and bad == [(path, what)] and images.shape == (0, 1, 28, 28)
-        with pytest.raises(folder.ImageError) as err:
-            folder.decode_image(path, 3, (8, 8), "crop")
+        with pytest.raises(decoding.ImageError) as err:
+            decoding.decode_image(path, 3, (8, 8), "crop")
         one_line(str(err.value), path, what)
 
 

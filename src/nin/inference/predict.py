@@ -63,7 +63,7 @@ def decode(files: list[Path], channels: int, size: tuple[int, int], max_pixels: 
     regular file", "no such file or directory"); an image of more than ``max_pixels`` pixels (None:
     :data:`nin.data.folder.MAX_PIXELS`) is refused before it is decoded. A bad ``max_pixels`` is a NinError.
     """
-    from nin.data.folder import DECODE_ERRORS, _decode_reason, decode_image, pixel_cap
+    from nin.data.images import DECODE_ERRORS, _decode_reason, decode_image, pixel_cap
 
     cap = pixel_cap(max_pixels)
     arrays, good, bad = [], [], []
