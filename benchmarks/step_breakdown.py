@@ -183,7 +183,7 @@ def categorize(events) -> dict[str, float]:
 def mode_profile(args) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    from nin.analysis.bench import matmul_peak
+    from nin.analysis.probes import matmul_peak
     from nin.analysis.profile import count_flops
     from nin.models import create_model
 
@@ -347,10 +347,10 @@ def _seconds(fn) -> float:
 
 
 def mode_peak(args) -> None:
-    """The bench's probe (nin.analysis.bench.matmul_peak) against longer probes and the model's own convolutions."""
+    """The bench's probe (nin.analysis.probes.matmul_peak) against longer probes and the model's own convolutions."""
     import torch.nn.functional as F
 
-    from nin.analysis.bench import matmul_peak
+    from nin.analysis.probes import matmul_peak
     from nin.training.memory import _FreedMemoryKept
 
     probes = [matmul_peak(torch.device("cpu"), torch.bfloat16) for _ in range(args.rounds)]
@@ -391,8 +391,8 @@ def mode_peak(args) -> None:
     dst.copy_(src)
     best = min(_seconds(lambda: dst.copy_(src)) for _ in range(5))
     print(f"memory: a 1 GiB bf16 copy moves {2 * 2**30 / best / 1e9:.1f} GB/s (read + write, best of 5)")
-    print(f"nin.analysis.bench.matmul_peak (bf16), {args.rounds} calls: " + ", ".join(f"{p / 1e9:,.0f}" for p in probes)
-          + " GFLOP/s")
+    print(f"nin.analysis.probes.matmul_peak (bf16), {args.rounds} calls: "
+          + ", ".join(f"{p / 1e9:,.0f}" for p in probes) + " GFLOP/s")
     print(f"{'product':<36}{'best':>9}{'median':>9}  GFLOP/s over {args.rounds} interleaved runs")
     for k, v in rates.items():
         print(f"{k:<36}{max(v):>9,.0f}{statistics.median(v):>9,.0f}")
@@ -401,7 +401,8 @@ def mode_peak(args) -> None:
 def mode_seed(args) -> None:
     """The seed's way alone in a fresh process (nin.analysis.bench.baseline_case, as ``nin bench --baseline`` runs it,
     but with no fast case before it in the process): is the bench's figure for it affected by what ran first?"""
-    from nin.analysis.bench import BenchConfig, baseline_case, bench_data, matmul_peak
+    from nin.analysis.bench import BenchConfig, baseline_case, bench_data
+    from nin.analysis.probes import matmul_peak
     from nin.analysis.profile import count_flops
     from nin.models import create_model
 

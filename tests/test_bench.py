@@ -8,17 +8,8 @@ import os
 import pytest
 import torch
 
-from nin.analysis.bench import (
-    SWITCHES,
-    BenchConfig,
-    _flipped,
-    matmul_peak,
-    peak_memory,
-    process_age,
-    reset_peak_memory,
-    run_bench,
-    time_to_accuracy,
-)
+from nin.analysis.bench import SWITCHES, BenchConfig, _flipped, process_age, run_bench, time_to_accuracy
+from nin.analysis.probes import matmul_peak, peak_memory, reset_peak_memory
 from nin.cli.main import main
 from nin.errors import NinError
 from nin.training.config import preset

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nin.analysis import bench, doctor
+from nin.analysis import doctor, probes
 from nin.cli.main import main
 
 BASE = ("fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht "
@@ -247,9 +247,9 @@ def test_measurements_are_positive_and_quick(monkeypatch, capsys, stub_datasets)
 @pytest.mark.slow
 def test_a_slow_dtype_stays_inside_the_probe_budget(monkeypatch):
     """Where every product is slow (bf16 emulated at a few GFLOP/s), the budget, not the size, ends the probe."""
-    monkeypatch.setattr(bench, "sync", lambda device: time.sleep(0.05))
+    monkeypatch.setattr(probes, "sync", lambda device: time.sleep(0.05))
     t0 = time.perf_counter()
-    flops = bench.matmul_peak(torch.device("cpu"), torch.float32, min_seconds=10, budget=0.5)
+    flops = probes.matmul_peak(torch.device("cpu"), torch.float32, min_seconds=10, budget=0.5)
     assert time.perf_counter() - t0 < 1.5 and flops > 0
 
 

@@ -135,7 +135,7 @@ def measure_inference(build: Callable[[], nn.Module], input_size: tuple[int, int
 def measure_both(build: Callable[[], nn.Module], input_size: tuple[int, int, int], batch: int, device: torch.device,
                  *, amp: str = "none", optimizer: str = "momentum", channels_last: bool | None = None) -> dict:
     """Measured training and inference peaks, with how and where they were measured."""
-    from nin.analysis.bench import device_name
+    from nin.analysis.probes import device_name
 
     training = measure_training(build, input_size, batch, device, amp=amp, optimizer=optimizer,
                                 channels_last=channels_last)

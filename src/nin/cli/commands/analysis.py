@@ -136,7 +136,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from nin.analysis.doctor import collect, render
+    from nin.analysis.doctor import collect
+    from nin.analysis.doctor_report import render
 
     report = collect(args.device, measure=args.measure)
     print(json.dumps(report, indent=1) if args.json else render(report), end="\n" if args.json else "")
