@@ -136,3 +136,16 @@ def test_holdout_larger_than_the_training_set_is_one_line(capsys, tmp_path):
                  "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--holdout must be between 1 and" in err
+
+
+def test_the_named_data_sets_are_a_registry_of_their_specs():
+    """Shapes, class counts and sources come from each data set's own spec, and loading goes through its
+    entry, so a data set is added in one place."""
+    from nin.data import NAMES, cifar, idx
+
+    assert list(NAMES) == ["fashion-mnist", "mnist", "cifar10", "cifar100"]
+    assert NAMES["fashion-mnist"].spec is idx.FASHION_MNIST and NAMES["cifar100"].spec is cifar.CIFAR100
+    for name, entry in NAMES.items():
+        assert entry.name == name and entry.image_shape == entry.spec.image_shape
+    assert [NAMES[n].num_classes for n in NAMES] == [10, 10, 10, 100]
+    assert NAMES["cifar10"].load is cifar.load

@@ -13,9 +13,11 @@ a train and a test :class:`~nin.data.Split` of uint8 images ``[N, C, H, W]``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from types import MappingProxyType
+from typing import Any, Literal
 
 from nin.bounds import MAX_IMAGE_SIDE, bounded, check_ranges, setting
 from nin.data import cifar, sources
@@ -66,19 +68,26 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    image_shape: tuple[int, int, int]
-    num_classes: int
-    source: str
+class DatasetEntry:
+    """A named data set: its spec (plain data: files, checksums, counts, shape, classes), how one split is
+    loaded, and how its files are found and checked for ``nin datasets``."""
 
+    spec: Any  # a nin.data.idx.IdxDataset or a nin.data.cifar.CifarDataset
+    load: Callable[..., Split]  # load(spec, split, data_dir, download, verify)
+    status: Callable[[Any, str | None], tuple[str, str]]  # (where found, checksum status)
+    source: str  # where it is downloaded from
 
-NAMES: dict[str, DatasetInfo] = {
-    "fashion-mnist": DatasetInfo("fashion-mnist", (1, 28, 28), 10, data.FASHION_MNIST.mirrors[0]),
-    "mnist": DatasetInfo("mnist", (1, 28, 28), 10, data.MNIST.mirrors[0]),
-    "cifar10": DatasetInfo("cifar10", (3, 32, 32), 10, cifar.CIFAR10.mirrors[0] + cifar.CIFAR10.archive),
-    "cifar100": DatasetInfo("cifar100", (3, 32, 32), 100, cifar.CIFAR100.mirrors[0] + cifar.CIFAR100.archive),
-}
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.spec.image_shape
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.spec.classes) if hasattr(self.spec, "classes") else self.spec.num_classes
 
 
 def folder_path(dataset: str) -> Path | None:
@@ -105,9 +114,8 @@ def image_shape(dataset: str) -> tuple[int, int, int] | None:
 
 
 def _load_named(d: DataConfig, split: str) -> Split:
-    if d.dataset in cifar.CIFAR:
-        return cifar.load(d.dataset, split, d.data_dir, d.download, d.verify)
-    return sources.load(d.dataset, split, d.data_dir, d.download, d.verify)
+    entry = NAMES[d.dataset]
+    return entry.load(entry.spec, split, d.data_dir, d.download, d.verify)
 
 
 def _as_split(f) -> Split:
@@ -173,6 +181,20 @@ def _cifar_status(spec: cifar.CifarDataset, data_dir: str | None) -> tuple[str, 
     return str(path), "ok (MD5 of the archive)"
 
 
+def _idx(spec: data.IdxDataset) -> DatasetEntry:
+    return DatasetEntry(spec, sources.load, _idx_status, spec.mirrors[0])
+
+
+def _cifar(spec: cifar.CifarDataset) -> DatasetEntry:
+    return DatasetEntry(spec, cifar.load, _cifar_status, spec.mirrors[0] + spec.archive)
+
+
+#: The registry of named data sets, what ``--dataset`` may name besides ``folder:PATH``. To add one: its spec
+#: and reader in a module of this package, and one entry here.
+NAMES: Mapping[str, DatasetEntry] = MappingProxyType(
+    {e.name: e for e in (_idx(data.FASHION_MNIST), _idx(data.MNIST), _cifar(cifar.CIFAR10), _cifar(cifar.CIFAR100))})
+
+
 def status(data_dir: str | None = None) -> list[dict[str, object]]:
     """For each named data set: shape, classes, where its files are (or 'not found') and their checksum status.
 
@@ -183,8 +205,7 @@ def status(data_dir: str | None = None) -> list[dict[str, object]]:
     sources.user_data_dir(data_dir)  # a named directory that does not exist is one error, not four rows
     rows = []
     for name, info in NAMES.items():
-        where, check = (_cifar_status(cifar.CIFAR[name], data_dir) if name in cifar.CIFAR
-                        else _idx_status(data.DATASETS[name], data_dir))
+        where, check = info.status(info.spec, data_dir)
         rows.append({"name": name, "shape": "x".join(map(str, info.image_shape)), "classes": info.num_classes,
                      "found": where, "checksum": check, "source": info.source})
     return rows

@@ -26,7 +26,7 @@ from torch import nn
 
 from nin.errors import NinError
 from nin.models.registry import register_model
-from nin.models.specs import CLASSES, Dropout, Pool, Width, _check_overrides, check_input_size, conv_out_size
+from nin.models.specs import CLASSES, Dropout, Pool, Width, check_input_size, check_overrides, conv_out_size
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class ConvNet(nn.Module):
         dropout: float | None = None,
     ) -> None:
         super().__init__()
-        _check_overrides(num_classes, in_channels, None, width, dropout)
+        check_overrides(num_classes, in_channels, None, width, dropout)
         h, w = check_input_size(input_size)
 
         def act() -> nn.Module:

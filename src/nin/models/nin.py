@@ -35,8 +35,8 @@ from nin.models.specs import (
     Pool,
     Stage,
     Width,
-    _check_overrides,
     check_input_size,
+    check_overrides,
     conv_out_size,
 )
 
@@ -128,7 +128,7 @@ class NiN(nn.Module):
         head: Literal["gap", "fc"] = "gap",
     ) -> None:
         super().__init__()
-        _check_overrides(num_classes, in_channels, mlp_layers, width, dropout)
+        check_overrides(num_classes, in_channels, mlp_layers, width, dropout)
         if head not in ("gap", "fc"):
             raise NinError(f"head must be 'gap' or 'fc', got {head!r}")
         input_size = check_input_size(input_size)

@@ -95,7 +95,8 @@ HEAD_WIDTH = Range(1, 65_536)
 DROPOUT = Range(0, 1, hi_open=True)
 
 
-def _check_overrides(num_classes, in_channels, mlp_layers, width, dropout) -> None:
+def check_overrides(num_classes, in_channels, mlp_layers, width, dropout) -> None:
+    """The options every model family takes, each against its range (a one-line NinError naming it)."""
     for name, value, r in (("num_classes", num_classes, NUM_CLASSES), ("in_channels", in_channels, IN_CHANNELS)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise NinError(f"{name} must be an integer, got {value!r}")
