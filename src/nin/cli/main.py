@@ -20,12 +20,8 @@ import sys
 from collections.abc import Sequence
 
 from nin.cli.commands import analysis, inference, models, training
-from nin.cli.options import _Parser
+from nin.cli.options import EXIT_FAILURE, EXIT_USAGE, _Parser
 from nin.errors import NinError
-
-EXIT_USAGE = 2
-EXIT_FAILURE = 1  # the operating system refused (a full disk), or memory ran out
-
 
 
 def build_parser() -> argparse.ArgumentParser:

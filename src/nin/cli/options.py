@@ -10,6 +10,9 @@ from typing import Literal, Union, get_args, get_origin, get_type_hints
 from nin.bounds import MAX_IMAGE_SIDE, Range, flag_type, range_of
 from nin.errors import NinError
 
+EXIT_USAGE = 2  # a user error: a bad flag, a missing or corrupt file
+EXIT_FAILURE = 1  # the operating system refused (a full disk), or memory ran out
+
 
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, like every other user error."""

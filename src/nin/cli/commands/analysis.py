@@ -12,8 +12,6 @@ from nin.bounds import MAX_IMAGE_SIDE, Range, flag_type
 from nin.cli.options import SPEED, THREADS, _add_speed_options, _path, _ranged
 from nin.errors import NinError
 
-EXIT_USAGE = 2
-
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("bench", help="training/inference speed, latency, memory and MFU; --baseline: vs the seed's way")

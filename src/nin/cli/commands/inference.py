@@ -8,10 +8,8 @@ import sys
 from pathlib import Path
 
 from nin.bounds import Range, flag_type
-from nin.cli.options import CAM_GRID, MAX_PIXELS_HELP, _add_checkpoint, _path, _ranged
+from nin.cli.options import CAM_GRID, EXIT_USAGE, MAX_PIXELS_HELP, _add_checkpoint, _path, _ranged
 from nin.errors import NinError
-
-EXIT_USAGE = 2
 
 
 def add_parsers(sub) -> None:

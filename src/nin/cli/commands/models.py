@@ -18,8 +18,6 @@ from nin.cli.options import (
 )
 from nin.errors import NinError
 
-EXIT_USAGE = 2
-
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("models", help="list the registered models")

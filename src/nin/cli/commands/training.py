@@ -26,8 +26,6 @@ from nin.data import DataConfig
 from nin.errors import NinError
 from nin.training.config import CheckpointConfig, ModelConfig, RunConfig, TrainConfig
 
-EXIT_USAGE = 2
-
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("train", help="train a model (default: nin28 on Fashion-MNIST)")
