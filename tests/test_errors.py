@@ -168,7 +168,7 @@ FLAGS = [
     (["shapes", "nin28", "--width", "0"], ["--width", "expected a number in [0.0625, 8]"]),
     (["shapes", "nin28", "--dropout", "1.5"], ["--dropout", "expected a number in [0, 1)"]),
     (["shapes", "nin28", "--num-classes", "0"], ["--num-classes", "expected an integer in [1, 100,000]"]),
-    (["shapes", "nin28", "--mlp-layers", "two"], ["--mlp-layers", "invalid int value"]),
+    (["shapes", "nin28", "--mlp-layers", "two"], ["--mlp-layers", "expected an integer in [0, 3]"]),
     (["shapes", "nin28", "--head", "mlp"], ["--head", "invalid choice: 'mlp'"]),
     (["shapes", "lenet", "--head-width", "8"], ["lenet does not take the option(s) head_width"]),
     (["profile", "nin28:width=1,depth", "--no-measure"], ["NAME:key=value"]),

@@ -589,3 +589,20 @@ def test_the_fused_bf16_cpu_path_computes_what_the_modules_do(monkeypatch, name)
     torch.testing.assert_close(out, ref, rtol=3e-2, atol=3e-2)
     for a, b in zip(grads, ref_grads):
         assert float((a - b).norm() / b.norm().clamp(min=1e-12)) < 5e-2
+
+
+def test_model_option_ranges_and_flags_come_from_one_declaration():
+    """ModelOptions declares each option's range once: the builders' checks and the flags both use it."""
+    from nin.bounds import range_of
+    from nin.cli.main import build_parser
+    from nin.errors import NinError
+    from nin.models import specs
+
+    assert specs.WIDTH is range_of(specs.ModelOptions, "width")
+    with pytest.raises(NinError, match=r"width must be in \[0.0625, 8\], got 9"):
+        create_model("nin28", width=9)
+    shapes = build_parser()._subparsers._group_actions[0].choices["shapes"]
+    width = next(a for a in shapes._actions if a.dest == "width")
+    assert width.help == "channel width multiplier"
+    with pytest.raises(NinError, match=r"--width: expected a number in \[0.0625, 8\], got '9'"):
+        shapes.parse_args(["nin28", "--width", "9"])

@@ -86,20 +86,11 @@ def parse_input_size(s: str) -> tuple[int, int, int]:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model options")
-    g.add_argument("--num-classes", type=_ranged("model.NUM_CLASSES", int), help="output classes")
-    g.add_argument("--in-channels", type=_ranged("model.IN_CHANNELS", int), help="input channels")
-    g.add_argument("--mlp-layers", type=int, choices=range(4), metavar="{0,1,2,3}",
-                   help="1x1 convs per block (the seed's ablation; 2 is NiN's)")
-    g.add_argument("--width", type=_ranged("model.WIDTH"), help="channel width multiplier")
-    g.add_argument("--head-width", type=_ranged("model.HEAD_WIDTH", int),
-                   help="NiN: width of the classifier block's convs before the last (a gradual reduction)")
-    g.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, help="BatchNorm after each conv")
-    g.add_argument("--dropout", type=_ranged("model.DROPOUT"),
-                   help="drop probability of every dropout stage (NiN: a model without "
-                        "any, like nin28, gets one after each pooling stage)")
-    g.add_argument("--head", choices=("gap", "fc"),
-                   help="NiN: global average pooling (default) or a fully connected layer over the class maps")
+    """The model-option flags, one per field of :class:`~nin.models.specs.ModelOptions` (dests: their names)."""
+    from nin.models.specs import ModelOptions
+
+    add_settings(p.add_argument_group("model options"), ModelOptions, "model.options", flagged(ModelOptions),
+                 plain=True)
 
 
 def _add_checkpoint(p: argparse.ArgumentParser) -> None:
@@ -166,8 +157,10 @@ def _add_speed_options(g) -> None:
 
 
 def _model_options(args: argparse.Namespace) -> dict:
-    keys = ("num_classes", "in_channels", "mlp_layers", "width", "head_width", "batch_norm", "dropout", "head")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    """The model options the flags of :func:`_add_model_options` set."""
+    from nin.models.specs import ModelOptions
+
+    return {k: getattr(args, k) for k in flagged(ModelOptions) if getattr(args, k, None) is not None}
 
 
 def _option_value(s: str):

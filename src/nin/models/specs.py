@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from nin.bounds import MAX_IMAGE_SIDE, Range
+from nin.bounds import MAX_IMAGE_SIDE, bounded, range_of, setting
 from nin.errors import NinError
 
 #: A width is a channel count, or ``CLASSES`` for "as many channels as classes".
@@ -80,19 +80,31 @@ def check_input_size(size) -> tuple[int, int]:
 
 
 #: Ranges of the options every model takes (the flags of the same names are checked against them too).
-NUM_CLASSES = Range(1, 100_000)
+@dataclass(frozen=True)
+class ModelOptions:
+    """The options a registered model takes (``create_model(name, **options)``; None: the model's own), each
+    with its range and help text: the model-option flags are made from these fields (nin.cli.options)."""
+
+    num_classes: int | None = bounded(None, 1, 100_000, help="output classes")
+    in_channels: int | None = bounded(None, 1, 256, help="input channels")
+    mlp_layers: int | None = bounded(None, 0, 3, help="1x1 convs per block (the seed's ablation; 2 is NiN's)")
+    # below 1/16 every layer of nin28 is one channel wide
+    width: float | None = bounded(None, 1 / 16, 8, help="channel width multiplier")
+    head_width: int | None = bounded(None, 1, 65_536, help="NiN: width of the classifier block's convs before the "
+                                                          "last (a gradual reduction)")
+    batch_norm: bool | None = setting(None, "BatchNorm after each conv")
+    dropout: float | None = bounded(None, 0, 1, hi_open=True,
+                                    help="drop probability of every dropout stage (NiN: a model without any, like "
+                                         "nin28, gets one after each pooling stage)")
+    head: Literal["gap", "fc"] | None = setting(
+        None, "NiN: global average pooling (default) or a fully connected layer over the class maps")
 
 
-IN_CHANNELS = Range(1, 256)
-
-
-WIDTH = Range(1 / 16, 8)  # a channel multiplier: below 1/16 every layer of nin28 is one channel wide
-
-
-HEAD_WIDTH = Range(1, 65_536)
-
-
-DROPOUT = Range(0, 1, hi_open=True)
+NUM_CLASSES = range_of(ModelOptions, "num_classes")
+IN_CHANNELS = range_of(ModelOptions, "in_channels")
+WIDTH = range_of(ModelOptions, "width")
+HEAD_WIDTH = range_of(ModelOptions, "head_width")
+DROPOUT = range_of(ModelOptions, "dropout")
 
 
 def check_overrides(num_classes, in_channels, mlp_layers, width, dropout) -> None:
