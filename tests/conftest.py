@@ -10,6 +10,7 @@ machine kind would; the header line says what ``auto`` picks in this session.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -144,3 +145,78 @@ def tiny_run(tmp_path_factory, fashion_mnist):
     finally:
         torch.set_num_threads(before)
     return out
+
+
+# ------------------------------------------------------- helpers for the bad-input tests (errors, hostile)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``nin ARGV`` in this process: its exit status, standard output and standard error."""
+    from nin.cli.main import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error_line(code, out, err, *needles, status=2) -> str:
+    """Exit ``status``, exactly one stderr line ``nin: error: ...`` holding each needle (any case), no traceback."""
+    assert code == status, (code, err)
+    assert "Traceback" not in out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nin: error: "), err
+    for n in needles:
+        assert n.lower() in lines[0].lower(), (n, lines[0])
+    return lines[0]
+
+
+def snapshot(*roots) -> dict[str, tuple]:
+    """Every file (content hash and mtime), folder, link and special file under ``roots``: compare before and
+    after a command to show it changed nothing."""
+    import hashlib
+    from pathlib import Path
+
+    def content(p: Path) -> tuple:
+        return (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) if p.is_file() else ()
+
+    seen: dict[str, tuple] = {}
+    for root in map(Path, roots):
+        for p in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root] if os.path.lexists(root) else []:
+            if p.is_symlink():
+                seen[str(p)] = ("link", os.readlink(p), *content(p))
+            elif p.is_dir():
+                seen[str(p)] = ("folder",)
+            elif p.is_file():
+                seen[str(p)] = content(p)
+            else:
+                seen[str(p)] = ("special", p.stat().st_mode)
+    return seen
+
+
+@contextlib.contextmanager
+def within(seconds: int = 20):
+    """Fail with TimeoutError if the block takes longer than ``seconds``: a blocked open (a FIFO without a writer)
+    is interrupted instead of hanging the suite."""
+    import signal
+
+    def expire(*_):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    before = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+
+
+def image_folder(root, classes: int = 3, per_class: int = 8, size: int = 12):
+    """``root/cK/NN.png``: ``per_class`` synthetic images of each of ``classes`` classes (a folder data set)."""
+    from PIL import Image
+
+    x, y = synthetic_images(classes * per_class, classes=classes, size=size)
+    for i, (img, label) in enumerate(zip(x, y)):
+        (root / f"c{int(label)}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[0].numpy()).save(root / f"c{int(label)}" / f"{i:02d}.png")
+    return root

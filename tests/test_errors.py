@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import io
 import json
 import os
@@ -19,7 +18,9 @@ import matplotlib.figure
 import numpy as np
 import pytest
 import torch
-from conftest import make_cifar_archive, synthetic_images
+from conftest import assert_one_error_line as assert_error
+from conftest import image_folder, make_cifar_archive, snapshot
+from conftest import run_cli as run
 from PIL import Image
 
 from nin.atomic import WriteError
@@ -29,35 +30,6 @@ from nin.data import idx as data
 from nin.errors import NinError
 
 # ---------------------------------------------------------------------- helpers
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_error(code, out, err, *needles, status=2) -> str:
-    """Exit ``status``, exactly one stderr line ``nin: error: ...`` holding each needle (any case), no traceback."""
-    assert code == status, (code, err)
-    assert "Traceback" not in out + err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("nin: error: "), err
-    for n in needles:
-        assert n.lower() in lines[0].lower(), (n, lines[0])
-    return lines[0]
-
-
-def snapshot(*roots) -> dict[str, tuple]:
-    """Every file (content hash and mtime) and folder under ``roots``: compare before and after a command."""
-    seen: dict[str, tuple] = {}
-    for root in map(Path, roots):
-        for p in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root] if root.exists() else []:
-            if p.is_dir():
-                seen[str(p)] = ("folder",)
-            else:
-                seen[str(p)] = (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-    return seen
 
 
 def full_disk() -> OSError:
@@ -84,14 +56,6 @@ def fail_savefig(monkeypatch) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(fname))
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
-
-
-def image_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 12) -> Path:
-    x, y = synthetic_images(classes * per_class, classes=classes, size=size)
-    for i, (img, label) in enumerate(zip(x, y)):
-        (root / f"c{int(label)}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img[0].numpy()).save(root / f"c{int(label)}" / f"{i:02d}.png")
-    return root
 
 
 @pytest.fixture(autouse=True)

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import synthetic_images
+from conftest import assert_one_error_line as assert_one_line
+from conftest import image_folder, snapshot, synthetic_images, within
+from conftest import run_cli as run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -33,61 +33,6 @@ from nin.cli.main import build_parser, main
 from nin.inference.trained import load_trained
 from nin.training import checkpoint as ckpt
 from nin.training.run import lock_run_dir
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line(code, out, err, *needles, status=2) -> str:
-    assert code == status, (code, err)
-    assert "Traceback" not in out + err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("nin: error: "), err
-    for n in needles:
-        assert n.lower() in lines[0].lower(), (n, lines[0])
-    return lines[0]
-
-
-def snapshot(*roots) -> dict[str, tuple]:
-    """Every file (content hash, mtime) and folder under ``roots``, links as links: compare before and after."""
-    seen: dict[str, tuple] = {}
-    for root in map(Path, roots):
-        for p in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root] if os.path.lexists(root) else []:
-            if p.is_symlink():
-                seen[str(p)] = ("link", os.readlink(p))
-            elif p.is_dir():
-                seen[str(p)] = ("folder",)
-            elif p.is_file():
-                seen[str(p)] = (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            else:
-                seen[str(p)] = ("special", p.stat().st_mode)
-    return seen
-
-
-@contextlib.contextmanager
-def deadline(seconds: int = 20):
-    """Fail the test instead of hanging it (a FIFO opened for reading blocks until a writer comes)."""
-    def expired(*_):
-        raise TimeoutError(f"still running after {seconds} s: it blocked")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def image_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 12) -> Path:
-    x, y = synthetic_images(classes * per_class, classes=classes, size=size)
-    for i, (img, label) in enumerate(zip(x, y)):
-        (root / f"c{int(label)}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img[0].numpy()).save(root / f"c{int(label)}" / f"{i:02d}.png")
-    return root
 
 
 @pytest.fixture(autouse=True)
@@ -259,7 +204,7 @@ SPECIAL = [("meta.json", _fifo, "meta.json: a FIFO (named pipe), not a regular f
 def test_a_special_file_in_a_checkpoint_is_named_and_never_blocks(run_copy, picture, capsys, name, make, says):
     damaged = newest(run_copy)
     make(damaged / name)
-    with deadline():
+    with within():
         for target in (damaged, run_copy):  # named directly, and as the run's newest checkpoint
             assert_one_line(*run(capsys, "predict", target, picture, "--device", "cpu"), says)
         assert_one_line(*run(capsys, "train", "--resume", run_copy, "--quiet"), says)
@@ -276,7 +221,7 @@ def test_a_symlink_loop_for_a_checkpoint_folder_is_named(tmp_path, picture, caps
 def test_a_run_directory_that_is_a_file_or_a_fifo_is_named(tmp_path, picture, capsys):
     (tmp_path / "file").write_text("x")
     os.mkfifo(tmp_path / "fifo")
-    with deadline():
+    with within():
         assert_one_line(*run(capsys, "predict", tmp_path / "file", picture), "a regular file, not a checkpoint")
         assert_one_line(*run(capsys, "evaluate", tmp_path / "fifo"), "a FIFO (named pipe), not a checkpoint")
 

@@ -27,7 +27,6 @@ import gzip
 import io
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from conftest import make_cifar_archive
+from conftest import make_cifar_archive, within
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
@@ -74,21 +73,6 @@ def real_files(fashion_mnist) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-@contextlib.contextmanager
-def within(seconds: int):
-    """Fail with TimeoutError if the block takes longer than ``seconds`` (a blocked open is interrupted)."""
-    def expire(*_):
-        raise TimeoutError(f"still blocked after {seconds} s")
-
-    before = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, before)
 
 
 @contextlib.contextmanager

@@ -143,10 +143,17 @@ def settings_given(args: argparse.Namespace) -> dict:
 
 
 def flag_of(path: str) -> str:
-    """The flag a setting path is given by, for messages: ``train.batch_size`` -> ``--batch-size``."""
-    return {"checkpoint.every_steps": "--checkpoint-every", "model.name": "--model",
-            "data.download": "--no-download", "data.verify": "--no-checksum"}.get(
-        path, "--" + path.rsplit(".", 1)[-1].replace("_", "-"))
+    """The flag a setting path is given by, as :func:`add_settings` made it from the field: ``train.batch_size``
+    -> ``--batch-size``, ``checkpoint.every_steps`` -> ``--checkpoint-every`` (its metadata's option strings)."""
+    from nin.data import DataConfig
+    from nin.models.specs import ModelOptions
+    from nin.training.config import CheckpointConfig, ModelConfig, RunConfig, TrainConfig
+
+    section, _, name = path.rpartition(".")
+    cls = {"": RunConfig, "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig,
+           "model": ModelConfig, "model.options": ModelOptions}[section]
+    meta = next(f.metadata for f in fields(cls) if f.name == name)
+    return (meta.get("flags") or (f"--{name.replace('_', '-')}",))[0]
 
 
 def _add_speed_options(g) -> None:

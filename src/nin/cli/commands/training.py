@@ -185,12 +185,10 @@ def _train(args: argparse.Namespace) -> int:
     changes = settings_given(args)
     changes.update({f"model.options.{k}": v for k, v in _model_options(args).items()})
     if args.resume:
-        extra = sorted(set(changes) - {"train.epochs", "train.max_steps", "device"})
-        if args.config or args.preset or args.out:
-            extra.insert(0, "config" if args.config else "preset" if args.preset else "out")
+        extra = [f"--{n}" for n in ("config", "preset", "out") if getattr(args, n)]
+        extra += [flag_of(p) for p in sorted(changes) if p not in ("train.epochs", "train.max_steps", "device")]
         if extra:
-            flag = f"--{extra[0]}" if "." not in extra[0] and extra[0] != "device" else flag_of(extra[0])
-            raise NinError(f"--resume continues a run with its saved settings; drop {flag} "
+            raise NinError(f"--resume continues a run with its saved settings; drop {extra[0]} "
                            f"(only --epochs, --max-steps and --device may change)")
     else:
         cfg = override(cfg, changes)
@@ -202,8 +200,7 @@ def _train(args: argparse.Namespace) -> int:
         result = train(cfg, resume=args.resume, keep=keep, progress=not args.quiet and main, handle_signals=True,
                        log=lambda line: print(f"nin: note: {line}", file=sys.stderr, flush=True))
     else:
-        cfg.validate()
-        _check_train_flags(changes, cfg)
+        _check_train_flags(changes, cfg)  # the ranges are checked once, when the run is built
         out = Path(args.out) if args.out else default_run_dir(cfg)
         # The main process creates the run directory (nin.training.run.train), so only it removes one a failure
         # left empty.
