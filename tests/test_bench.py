@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from nin.analysis.bench import SWITCHES, BenchConfig, _flipped, process_age, run
 from nin.analysis.probes import matmul_peak, peak_memory, reset_peak_memory
 from nin.cli.main import main
 from nin.errors import NinError
-from nin.training.config import preset
+from nin.training.config import TrainConfig, preset
 from nin.training.memory import _FreedMemoryKept
 
 CPU = torch.device("cpu")
@@ -63,7 +64,7 @@ def test_ablation_flips_each_switch_once(one_thread):
     # every switch but compile, whose first compile alone takes 30-60 s on a CPU (compiled training has its own
     # test); _flipped's rule for it is checked below
     switches = [s for s in SWITCHES if s != "compile"]
-    out = run_bench(BenchConfig(model="nin28", batch_size=16, amp="none", **TINY), ablate=switches,
+    out = run_bench(BenchConfig(model="nin28", batch_size=16, train=TrainConfig(amp="none"), **TINY), ablate=switches,
                     report=lines.append)
     names = [c["name"] for c in out["cases"]]
     assert names == ["nin", "channels_last off", "fused off", "fold_bn off", "amp bf16"]
@@ -76,7 +77,7 @@ def test_ablation_flips_each_switch_once(one_thread):
 
 @pytest.mark.slow
 def test_ablation_of_chosen_switches_flips_from_the_resolved_value(one_thread):
-    out = run_bench(BenchConfig(model="nin28", batch_size=16, channels_last=False, **TINY),
+    out = run_bench(BenchConfig(model="nin28", batch_size=16, train=TrainConfig(channels_last=False), **TINY),
                     ablate=["channels_last"], report=lambda _: None)
     assert [c["name"] for c in out["cases"]] == ["nin", "channels_last on"]
     assert out["cases"][1]["settings"]["channels_last"] is True
@@ -101,7 +102,8 @@ def test_baseline_is_only_for_the_seed_model():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(batch_size=0), "batch-size"), (dict(repeats=0), "repeats"), (dict(steps=0), "steps"),
+    (dict(batch_size=0), r"batch_size must be in \[1, 2\*\*20\], got 0"), (dict(repeats=0), "repeats"),
+    (dict(steps=0), "steps"), (dict(block_seconds=float("inf")), "block_seconds"),
     (dict(data="imagenet"), "data choice"), (dict(model="nin_d2l", size=8), "does not fit"),
 ])
 def test_bad_settings_are_one_clear_error(bad, match):
@@ -148,6 +150,121 @@ def test_cli_bench_bad_input_is_one_line(capsys, argv, match):
     assert code == 2 and match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+# ------------------------------------------------------------ the command's settings (nin.analysis.bench_command)
+
+
+def bench_parser():
+    from nin.cli.main import build_parser
+
+    return build_parser()._subparsers._group_actions[0].choices["bench"]
+
+
+def test_bench_flags_are_derived_from_the_config_fields_and_only_what_is_given_changes():
+    from dataclasses import fields
+
+    from nin.analysis.bench_command import TimeToAccuracy, bench_config
+    from nin.cli.options import SETTING, settings_given
+
+    actions = {a.dest: a for a in bench_parser()._actions}
+    for cls, section in ((BenchConfig, "bench."), (TimeToAccuracy, "tta.")):
+        for f in fields(cls):
+            if f.metadata.get("help"):
+                action = actions[SETTING + section + f.name]
+                assert action.help == f.metadata["help"] and action.default is None, f.name
+    assert actions[SETTING + "bench.steps"].option_strings == ["--steps"]
+    given = settings_given(bench_parser().parse_args(["--steps", "2", "--no-fused", "--amp", "none", "--size", "32"]))
+    assert given == {"bench.size": 32, "bench.steps": 2, "bench.train.amp": "none", "bench.train.fused": False}
+    cfg = bench_config(given)
+    assert (cfg.steps, cfg.size, cfg.train.amp, cfg.train.fused) == (2, 32, "none", False)
+    assert cfg.model == "nin_d2l" and cfg.repeats == 3 and cfg.train.fold_bn is True  # the rest: the defaults
+    assert bench_config({}) == BenchConfig()
+
+
+def test_a_result_records_the_settings_flat_as_before():
+    cfg = BenchConfig(train=TrainConfig(amp="none", fused=False))
+    settings = cfg.settings()
+    assert list(settings) == ["model", "size", "batch_size", "device", "amp", "channels_last", "compile", "fused",
+                              "fold_bn", "warmup", "steps", "block_seconds", "repeats", "latency_runs", "data",
+                              "data_dir", "workers"]
+    assert settings["amp"] == "none" and settings["fused"] is False and settings["batch_size"] == 128
+    flipped = cfg.with_switch("fused", True)
+    assert flipped.train.fused is True and cfg.train.fused is False and flipped.train.amp == "none"
+
+
+@pytest.mark.parametrize("given, what, says", [
+    ({"tta.targets": "0.5"}, "speed", "bench: --targets is for --time-to-accuracy"),
+    ({"bench.device": "cpu", "tta.subset": 10}, "speed", "bench: --subset is for --time-to-accuracy"),
+    ({"bench.steps": 1}, "time-to-accuracy", "bench: --steps is for the speed benchmark, not --time-to-accuracy"),
+    ({"bench.model": "nin28"}, "time-to-accuracy", "bench: --model is for the speed benchmark"),
+])
+def test_a_setting_the_mode_would_ignore_is_refused(given, what, says):
+    from nin.analysis.bench_command import check_mode
+
+    with pytest.raises(NinError, match=f"^{re.escape(says)}"):
+        check_mode(given, what)
+
+
+def test_each_mode_takes_its_own_and_the_shared_settings():
+    from nin.analysis.bench_command import check_mode
+
+    shared = {"bench.device": "cpu", "bench.data_dir": "d", "bench.train.amp": "none", "bench.train.fused": False}
+    check_mode({**shared, "tta.epochs": 2, "tta.preset": "d2l"}, "time-to-accuracy")
+    check_mode({**shared, "bench.steps": 1, "bench.workers": 0}, "speed", baseline=True, ablate="all")
+    with pytest.raises(NinError, match="--baseline is for the speed benchmark"):
+        check_mode(shared, "time-to-accuracy", baseline=True)
+    with pytest.raises(NinError, match="--ablate is for the speed benchmark"):
+        check_mode({}, "time-to-accuracy", ablate="")
+
+
+def test_time_to_accuracy_trains_the_preset_changed_only_by_the_settings_given():
+    from nin.analysis.bench_command import tta_config
+
+    tta, cfg = tta_config({"tta.preset": "d2l", "tta.epochs": 2, "tta.subset": 100, "bench.train.fused": False,
+                           "bench.device": "cpu", "bench.data_dir": "/data"})
+    assert tta.preset == "d2l" and tta.target_list() == [0.91, 0.93]
+    assert cfg.model.name == "nin_d2l" and cfg.train.epochs == 2 and cfg.data.subset == 100
+    assert cfg.train.fused is False and cfg.device == "cpu" and cfg.data.data_dir == "/data"
+    assert cfg.train.amp == "none"  # the preset's: a speed switch not given is not the benchmark's default (auto)
+    assert tta_config({})[1] == preset("default")
+
+
+@pytest.mark.parametrize("targets, expected", [("0.5, 0.9", [0.5, 0.9]), ("1", [1.0]), ("0.9,abc", None),
+                                               ("0,0.5", None), ("1.5", None), ("nan", None), (",", None)])
+def test_targets_are_accuracies_in_0_to_1(targets, expected):
+    from nin.analysis.bench_command import TimeToAccuracy
+
+    if expected is None:
+        with pytest.raises(NinError, match=r"--targets must be accuracies in \(0, 1\] separated by commas"):
+            TimeToAccuracy(targets=targets).target_list()
+    else:
+        assert TimeToAccuracy(targets=targets).target_list() == expected
+
+
+def test_ablate_names_all_switches_or_a_list():
+    from nin.analysis.bench_command import ablated
+
+    assert ablated("all") is True and ablated(None) == [] and ablated(" fused, amp ,") == ["fused", "amp"]
+
+
+def test_the_recorded_command_repeats_every_flag_given_in_the_parsers_order(tmp_path):
+    import shlex
+
+    from nin.cli.main import build_parser
+    from nin.cli.options import command_line
+
+    out = tmp_path / "my results"
+    argv = ["--time-to-accuracy", "--epochs", "2", "--no-fused", "--device", "cpu", "--json", "--record", str(out),
+            "--threads", "2", "--targets", "0.5,0.6", "--amp", "none"]
+    args = build_parser().parse_args(["bench", *argv])
+    line = command_line(args)
+    assert line == ("nin bench --device cpu --amp none --no-fused --threads 2 --time-to-accuracy --epochs 2 "
+                    f"--targets 0.5,0.6 --json --record {shlex.quote(str(out))}")
+    assert vars(build_parser().parse_args(shlex.split(line)[1:])) == vars(args)  # the words parse back the same
+    speed = build_parser().parse_args(["bench", "--ablate", "--baseline", "--block-seconds", "0.5", "--channels-last"])
+    assert command_line(speed) == "nin bench --channels-last --block-seconds 0.5 --baseline --ablate all"
+    assert command_line(build_parser().parse_args(["bench"])) == "nin bench"
+
+
 def test_runtime_set_up_caps_threads_at_the_usable_cores(monkeypatch):
     from nin.training.runtime import configure_runtime
 
@@ -162,3 +279,12 @@ def test_runtime_set_up_caps_threads_at_the_usable_cores(monkeypatch):
         assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     finally:
         torch.set_num_threads(before)
+
+
+def test_time_to_accuracy_takes_a_seed_and_a_holdout_for_the_run():
+    from nin.analysis.bench_command import tta_config
+
+    _, cfg = tta_config({"tta.seed": 7, "tta.holdout": 5000, "tta.preset": "default"})
+    assert cfg.seed == 7 and cfg.data.holdout == 5000
+    _, plain = tta_config({})
+    assert plain.seed == 0 and plain.data.holdout is None

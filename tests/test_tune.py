@@ -62,6 +62,40 @@ def test_space_overrides_keep_scales_type_check_and_add_settings():
             parse_space([bad])
 
 
+def test_tune_flags_are_the_config_fields_and_only_what_is_given_changes():
+    from dataclasses import fields
+
+    from nin.cli.main import build_parser
+    from nin.cli.options import given_fields
+    from nin.experiments.tune import TuneConfig
+
+    parse = build_parser().parse_args
+    actions = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["tune"]._actions}
+    documented = [f for f in fields(TuneConfig) if f.metadata.get("help")]
+    assert {f.name for f in documented} == {"trials", "workers", "holdout", "subset", "max_epochs", "startup_trials",
+                                            "storage", "study_name", "threads", "out", "quiet"}
+    for f in documented:
+        assert actions[f.name].help == f.metadata["help"] and actions[f.name].default is None, f.name
+    args = parse(["tune", "--trials", "3", "--quiet", "--max-epochs", "2", "--study-name", "s", "--out", "o"])
+    given = given_fields(args, TuneConfig)
+    assert given == {"trials": 3, "quiet": True, "max_epochs": 2, "study_name": "s", "out": "o"}
+    tc = TuneConfig(**given)
+    assert (tc.workers, tc.startup_trials, tc.storage, tc.holdout) == (1, 5, None, None)  # the fields' defaults
+    assert tc.out_dir() == Path("o") and TuneConfig().out_dir().parent == Path("runs")
+    assert given_fields(parse(["tune"]), TuneConfig) == {}
+
+
+def test_tune_checks_each_setting_against_its_range_before_anything_else():
+    from nin.errors import NinError
+    from nin.experiments.tune import TuneConfig, tune
+
+    for bad, says in [({"trials": 0}, r"trials must be in \[1, 100,000\], got 0"),
+                      ({"max_epochs": 0}, r"max_epochs must be in \[1, 10\*\*6\], got 0"),
+                      ({"workers": 257}, r"workers must be in \[1, 256\]")]:
+        with pytest.raises(NinError, match=says):
+            tune(TuneConfig(**bad))
+
+
 # ------------------------------------------------------------------ pruning
 
 

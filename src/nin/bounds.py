@@ -52,6 +52,9 @@ class Range:
             raise NinError(f"{name} must be {word}{self.text()}, got {_shown(value)}")
 
 
+THREADS = Range(1, 4096)  # the torch threads of one process
+
+
 def _num(v: float) -> str:
     if isinstance(v, int) and v >= 10**6:
         for base in (10, 2):
@@ -73,7 +76,13 @@ def bounded(default: Any, lo: float | None = None, hi: float | None = None, *, l
             hi_open: bool = False, help: str | None = None, **flag: Any) -> Any:
     """A dataclass field with default ``default`` and a :class:`Range` (None values are not checked); ``help``
     and ``flag`` (``flags``, ``metavar``) describe its command-line flag (:mod:`nin.cli.options`)."""
-    return field(default=default, metadata={"range": Range(lo, hi, lo_open, hi_open), "help": help, **flag})
+    return within(Range(lo, hi, lo_open, hi_open), default, help=help, **flag)
+
+
+def within(r: Range, default: Any, help: str | None = None, **flag: Any) -> Any:
+    """:func:`bounded` with a range declared elsewhere: ``within(range_of(TrainConfig, "epochs"), None)`` is a
+    setting that stands for another (a study's epochs, a benchmark's batch size) and keeps its range."""
+    return field(default=default, metadata={"range": r, "help": help, **flag})
 
 
 def setting(default: Any = None, help: str | None = None, *, factory: Any = None, **flag: Any) -> Any:
@@ -90,6 +99,13 @@ def range_of(cls: type, name: str) -> Range:
         if f.name == name:
             return f.metadata["range"]
     raise KeyError(name)
+
+
+def option_strings(cls: type, name: str) -> tuple[str, ...]:
+    """The option strings of the flag of field ``name`` of ``cls``: its metadata's ``flags``, else ``--name``
+    with dashes (``batch_size``: ``--batch-size``)."""
+    meta = next(f.metadata for f in fields(cls) if f.name == name)
+    return meta.get("flags") or (f"--{name.replace('_', '-')}",)
 
 
 def check_ranges(obj: Any, where: str = "") -> None:

@@ -22,7 +22,6 @@ test-accuracy threshold was first reached.
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import tempfile
@@ -30,58 +29,67 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
 
 import torch
 
 from nin.analysis.probes import device_name, matmul_peak, peak_memory, reset_peak_memory, sync
 from nin.analysis.profile import count_flops
+from nin.bounds import MAX_IMAGE_SIDE, bounded, check_ranges, range_of, setting, within
 from nin.data.loader import DeviceLoader
 from nin.errors import NinError
 from nin.models import create_model, init_weights, model_entry
 from nin.models.fold import has_batchnorm
 from nin.training.callbacks.base import Callback
-from nin.training.config import TrainConfig
+from nin.training.config import SPEED, TrainConfig
 from nin.training.precision import AMP_DTYPES, amp_choice, bf16_native
 from nin.training.trainer import Trainer, evaluate
 
 
 @dataclass
 class BenchConfig:
-    model: str = "nin_d2l"
-    size: int | None = None  # input side; None: the model's own
-    batch_size: int = 128
-    device: str = "auto"
-    # speed switches of the fast path (as in TrainConfig; "auto"/None pick per device)
-    amp: str = "auto"
-    channels_last: bool | None = None
-    compile: bool | None = None
-    fused: bool = True
-    fold_bn: bool = True
+    """What ``nin bench`` times; each field with help text is a flag of it (:mod:`nin.cli.options`)."""
+
+    model: str = setting("nin_d2l", "registered model (default nin_d2l)")
+    size: int | None = bounded(None, 1, MAX_IMAGE_SIDE, help="input side (default: the model's)")
+    batch_size: int = within(range_of(TrainConfig, "batch_size"), 128,
+                             help="images per training step and per inference batch (default 128)")
+    device: str = setting("auto", "auto, cpu or cuda[:N]")
+    # The fast path takes its speed switches (SPEED: amp, channels_last, compile, fused, fold_bn; "auto"/None pick
+    # per device) from this config; the rest of the timed recipe is fixed (constant lr 0.01, no label smoothing).
+    train: TrainConfig = field(default_factory=TrainConfig)
     # timing
-    warmup: int = 1  # untimed steps (and inference batches) first
-    steps: int | None = None  # per timed block; None: enough for about block_seconds
-    block_seconds: float = 2.0
-    repeats: int = 3  # timed blocks; the median is reported
-    latency_runs: int = 20
-    data: str = "auto"  # auto: real Fashion-MNIST when found locally (1-channel models), else synthetic
-    data_dir: str | None = None
-    workers: int = 4  # DataLoader workers of the baseline
+    warmup: int = bounded(1, 0, 10_000, help="untimed steps first (default 1)")
+    steps: int | None = bounded(None, 1, 10**6, help="steps per timed block (default: about --block-seconds)")
+    block_seconds: float = bounded(2.0, 0, 3600, lo_open=True, help="seconds per timed block, when --steps is not "
+                                                                    "given (default 2)")
+    repeats: int = bounded(3, 1, 1000, help="timed blocks; the median is reported")
+    latency_runs: int = bounded(20, 1, 100_000, help="batch-1 calls timed; the median is reported (default 20)")
+    data: Literal["auto", "real", "synthetic"] = setting(
+        "auto", "auto: real Fashion-MNIST when found locally, else synthetic uint8 images")
+    data_dir: str | None = setting(None, "directory holding the data files", path=True)
+    workers: int = bounded(4, 0, 256, help="DataLoader workers of the baseline (default 4)")
 
     def validate(self) -> None:
-        for name in ("batch_size", "warmup", "repeats", "latency_runs", "workers"):
-            low = 0 if name in ("warmup", "workers") else 1
-            if getattr(self, name) < low:
-                raise NinError(f"{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise NinError(f"steps must be at least 1, got {self.steps}")
-        if self.size is not None and self.size < 1:
-            raise NinError(f"size must be positive, got {self.size}")
-        if not (self.block_seconds > 0 and math.isfinite(self.block_seconds)):
-            raise NinError(f"block-seconds must be a positive number, got {self.block_seconds}")
+        check_ranges(self)
+        self.train.validate()
         if self.data not in ("auto", "real", "synthetic"):
             raise NinError(f"unknown data choice {self.data!r}; choose auto, real or synthetic")
+
+    def settings(self) -> dict[str, Any]:
+        """The settings as one flat mapping, the speed switches among them (what a result records)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "train":
+                out.update({s: getattr(self.train, s) for s in SPEED})
+            else:
+                out[f.name] = getattr(self, f.name)
+        return out
+
+    def with_switch(self, switch: str, value: Any) -> BenchConfig:
+        """A copy with one speed switch changed."""
+        return replace(self, train=replace(self.train, **{switch: value}))
 
 
 @dataclass
@@ -191,7 +199,7 @@ def _fast_case(cfg: BenchConfig, data, device: torch.device, flops: tuple[int, i
     model = init_weights(create_model(cfg.model), "xavier").to(device)
     tcfg = TrainConfig(
         epochs=10**6, batch_size=cfg.batch_size, lr=0.01, schedule="constant", label_smoothing=0.0,
-        amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile, fused=cfg.fused, fold_bn=cfg.fold_bn,
+        **{s: getattr(cfg.train, s) for s in SPEED},
     ).resolved(device)
     loader = DeviceLoader(xtr, ytr, cfg.batch_size, shuffle=True, size=(size, size),
                           channels_last=tcfg.channels_last)
@@ -341,8 +349,7 @@ def run_bench(cfg: BenchConfig, *, baseline: bool = False, ablate: bool | Sequen
         flops = (count_flops(model, (channels, size, size)), count_flops(model, (channels, size, size), train=True))
     except RuntimeError as e:
         raise NinError(f"input {size}x{size} does not fit {cfg.model}: {str(e).splitlines()[0]}") from None
-    resolved = TrainConfig(amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile, fused=cfg.fused,
-                           fold_bn=cfg.fold_bn).resolved(device)
+    resolved = cfg.train.resolved(device)
     peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
     if resolved.amp == "fp16":
         peaks["fp16"] = matmul_peak(device, torch.float16)
@@ -357,11 +364,11 @@ def run_bench(cfg: BenchConfig, *, baseline: bool = False, ablate: bool | Sequen
     report(f"nin bench: {cfg.model} {header['input']}, batch {cfg.batch_size}, on {device} "
            f"({header['device_name']}), torch {torch.__version__}, {header['date']}")
     report(f"data: {data[4]}, uint8 on the device")
-    amp_note = f" (auto: {amp_choice(device)[1]})" if cfg.amp == "auto" else ""
+    amp_note = f" (auto: {amp_choice(device)[1]})" if cfg.train.amp == "auto" else ""
     report(f"fast path: {resolved.amp + ' autocast' if resolved.amp in AMP_DTYPES else 'fp32'}{amp_note}, "
            f"{'channels_last' if resolved.channels_last else 'NCHW'}, compile {'on' if resolved.compile else 'off'}, "
-           f"{'fused' if cfg.fused else 'per-parameter'} SGD step, BN folding "
-           f"{'on' if cfg.fold_bn else 'off'}{'' if has_batchnorm(model) else ' (model has no BN)'}")
+           f"{'fused' if resolved.fused else 'per-parameter'} SGD step, BN folding "
+           f"{'on' if resolved.fold_bn else 'off'}{'' if has_batchnorm(model) else ' (model has no BN)'}")
     report(f"peak FLOP/s (matmul probe): fp32 {peaks['fp32'] / 1e9:,.1f} G, bf16 {peaks['bf16'] / 1e9:,.1f} G")
     report(f"work: {flops[0] / 1e9:.3f} GFLOP per image forward, {flops[1] / 1e9:.3f} per training image")
     report("")
@@ -382,14 +389,14 @@ def run_bench(cfg: BenchConfig, *, baseline: bool = False, ablate: bool | Sequen
         if switch == "fold_bn" and not has_batchnorm(model):
             continue
         label, value = _flipped(switch, getattr(resolved, switch))
-        r, _ = fast_case(replace(cfg, steps=steps, **{switch: value}), data, device, flops, peaks, name=label)
+        r, _ = fast_case(replace(cfg.with_switch(switch, value), steps=steps), data, device, flops, peaks, name=label)
         report(_row(r) + f"   train {r.train_img_s / fast.train_img_s:.2f}x, infer "
                f"{r.infer_img_s / fast.infer_img_s:.2f}x")
         cases.append(r)
     report("")
     report(f"timing: {timing}; MFU: model FLOP/s over the matmul peak in the case's dtype; "
            f"memory: {'max_memory_allocated' if device.type == 'cuda' else 'peak RSS of this process'}")
-    return {"settings": asdict(cfg), "steps_per_block": steps, **header, "cases": [asdict(c) for c in cases]}
+    return {"settings": cfg.settings(), "steps_per_block": steps, **header, "cases": [asdict(c) for c in cases]}
 
 
 def _row_header() -> str:
@@ -418,7 +425,8 @@ class _AccuracyClock(Callback):
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         now = time.perf_counter() - self.t0
         acc = metrics.get("test_acc", float("nan"))
-        self.epochs.append({"epoch": metrics["epoch"], "test_acc": acc, "seconds": now})
+        self.epochs.append({"epoch": metrics["epoch"], "test_acc": acc, "seconds": now,
+                            **{k: metrics[k] for k in ("train_loss", "train_acc", "test_loss") if k in metrics}})
         self.report(f"epoch {metrics['epoch']:>3}  test acc {acc:.4f}  at {now:7.1f} s")
         for t in self.targets:
             if t not in self.reached and acc >= t:

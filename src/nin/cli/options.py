@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import types
 from dataclasses import fields
 from typing import Literal, Union, get_args, get_origin, get_type_hints
 
-from nin.bounds import MAX_IMAGE_SIDE, Range, flag_type, range_of
+from nin.bounds import MAX_IMAGE_SIDE, Range, flag_type, option_strings, range_of
 from nin.errors import NinError
 
 EXIT_USAGE = 2  # a user error: a bad flag, a missing or corrupt file
@@ -20,9 +21,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse API
         sub = self.prog.split()[1:]
         raise NinError(f"{sub[0]}: {message}" if sub else message)
-
-
-THREADS = Range(1, 4096)
 
 
 MAX_PIXELS_HELP = ("refuse images of more than N pixels before decoding them (default 67,108,864: a 64-megapixel "
@@ -98,15 +96,15 @@ def _add_checkpoint(p: argparse.ArgumentParser) -> None:
 
 
 SETTING = "setting:"  # the dest prefix of a flag made from a config field: setting:train.lr
-SPEED = ("amp", "channels_last", "compile", "fused", "fold_bn")  # TrainConfig's speed switches
 
 
 def add_settings(group, cls: type, section: str, names: tuple[str, ...], *, plain: bool = False) -> None:
     """One flag per field ``names`` of config dataclass ``cls`` (the ``section`` of a RunConfig: train, data,
-    checkpoint, model, or "" for its own fields), derived from the field: its type gives the parser (a range
-    from :mod:`nin.bounds` for numbers, choices for a Literal, on/off for a bool), its metadata the help text
-    and option strings. A flag not given is None, so :func:`settings_given` returns what the user set, as
-    :func:`nin.training.config.override` takes it. ``plain``: the dest is the field's name instead."""
+    checkpoint, model, or "" for its own fields; or another that :func:`flag_of` knows), derived from the field:
+    its type gives the parser (a range from :mod:`nin.bounds` for numbers, choices for a Literal, on/off for a
+    bool), its metadata the help text and option strings. A flag not given is None, so :func:`settings_given`
+    returns what the user set, as :func:`nin.training.config.override` takes it. ``plain``: the dest is the
+    field's name instead."""
     hints = get_type_hints(cls)
     by_name = {f.name: f for f in fields(cls)}
     for name in names:
@@ -117,6 +115,8 @@ def add_settings(group, cls: type, section: str, names: tuple[str, ...], *, plai
         kw: dict = {"dest": name if plain else SETTING + path, "default": None, "help": meta.get("help")}
         if meta.get("metavar"):
             kw["metavar"] = meta["metavar"]
+        elif not plain and (args[0] in (int, float, str) or get_origin(args[0]) is tuple):
+            kw["metavar"] = name.upper()  # not the dest's SETTING:... spelling
         if meta.get("action"):
             kw["action"] = meta["action"]
         elif args[0] is bool:
@@ -129,7 +129,7 @@ def add_settings(group, cls: type, section: str, names: tuple[str, ...], *, plai
             kw["type"] = _fractions
         elif meta.get("path"):
             kw["type"] = _path
-        group.add_argument(*(meta.get("flags") or (f"--{name.replace('_', '-')}",)), **kw)
+        group.add_argument(*option_strings(cls, name), **kw)
 
 
 def flagged(cls: type, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -144,30 +144,47 @@ def settings_given(args: argparse.Namespace) -> dict:
 
 def flag_of(path: str) -> str:
     """The flag a setting path is given by, as :func:`add_settings` made it from the field: ``train.batch_size``
-    -> ``--batch-size``, ``checkpoint.every_steps`` -> ``--checkpoint-every`` (its metadata's option strings)."""
+    -> ``--batch-size``, ``checkpoint.every_steps`` -> ``--checkpoint-every`` (its metadata's option strings).
+    The sections are a RunConfig's, and ``nin bench``'s (:data:`nin.analysis.bench_command.SECTIONS`)."""
+    from nin.analysis.bench_command import SECTIONS
     from nin.data import DataConfig
     from nin.models.specs import ModelOptions
     from nin.training.config import CheckpointConfig, ModelConfig, RunConfig, TrainConfig
 
     section, _, name = path.rpartition(".")
     cls = {"": RunConfig, "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig,
-           "model": ModelConfig, "model.options": ModelOptions}[section]
-    meta = next(f.metadata for f in fields(cls) if f.name == name)
-    return (meta.get("flags") or (f"--{name.replace('_', '-')}",))[0]
+           "model": ModelConfig, "model.options": ModelOptions, **SECTIONS}[section]
+    return option_strings(cls, name)[0]
 
 
-def _add_speed_options(g) -> None:
-    """The speed switches of :class:`~nin.training.config.TrainConfig`, for ``nin bench`` (dests: their names)."""
-    from nin.training.config import TrainConfig
+def command_line(args: argparse.Namespace) -> str:
+    """``nin COMMAND --flag value ...``: the command that repeats ``args``, with each flag given, in the parser's
+    order (``nin bench --record`` keeps it). For a command whose arguments are all flags, each None when not given
+    (or False, a plain switch such as ``--json``): a flag made by :func:`add_settings` is named as :func:`flag_of`
+    names it, any other by its dest (``threads``: ``--threads``)."""
+    words = ["nin", args.command]
+    for dest, value in vars(args).items():
+        setting = dest.startswith(SETTING)
+        if dest == "command" or dest.startswith("_") or value is None or (value is False and not setting):
+            continue
+        flag = flag_of(dest[len(SETTING):]) if setting else f"--{dest.replace('_', '-')}"
+        if isinstance(value, bool):  # --x / --no-x, or a flag that is itself the switch (--no-download)
+            words.append(flag if value or flag.startswith("--no-") else f"--no-{flag[2:]}")
+        else:
+            words += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return shlex.join(words)
 
-    add_settings(g, TrainConfig, "train", SPEED, plain=True)
+
+def given_fields(args: argparse.Namespace, cls: type) -> dict:
+    """The fields of ``cls`` that flags made with ``add_settings(..., plain=True)`` set, by name."""
+    return {k: getattr(args, k) for k in flagged(cls) if getattr(args, k, None) is not None}
 
 
 def _model_options(args: argparse.Namespace) -> dict:
     """The model options the flags of :func:`_add_model_options` set."""
     from nin.models.specs import ModelOptions
 
-    return {k: getattr(args, k) for k in flagged(ModelOptions) if getattr(args, k, None) is not None}
+    return given_fields(args, ModelOptions)
 
 
 def _option_value(s: str):

@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nin.atomic import write_text
+from nin.bounds import THREADS, bounded, check_ranges, range_of, setting, within
+from nin.data import DataConfig
 from nin.errors import NinError
 from nin.experiments.storage import _shown, import_optuna, open_storage
 from nin.training import run, runtime
@@ -49,10 +51,11 @@ from nin.training.trainer import Diverged, Trainer
 DEFAULT_HOLDOUT = 5000  # validation images, at most a tenth of the training split
 STUDY_NAME = "nin-tune"
 METRIC = "test_acc"  # the trainer's evaluation metric; with a holdout, accuracy on held-out training images
-# Settings that may differ between the workers of one study (paths, machines, speed switches).
+# Settings that may differ between the workers of one study (paths, machines, speed switches, logging).
 MAY_DIFFER = frozenset({
     "device", "data.data_dir", "data.download", "data.verify", "data.test_dir", "train.amp", "train.channels_last",
     "train.compile", "train.fused", "train.fold_bn", "train.eval_batch_size", "train.check_every",
+    "train.tensorboard", "train.tensorboard_every",
 })
 
 
@@ -157,21 +160,37 @@ def parse_space(overrides: list[str], max_epochs: int = 3) -> tuple[Dim, ...]:
 
 @dataclass
 class TuneConfig:
-    """One ``nin tune`` invocation. ``base`` holds every setting a trial does not search."""
+    """One ``nin tune`` invocation. ``base`` holds every setting a trial does not search. Each field with help
+    text is a flag of ``nin tune``."""
 
     base: RunConfig = field(default_factory=RunConfig)
-    out: Path | None = None  # None: runs/tune-DATE; an existing one with a study is continued
-    trials: int = 20  # trials this invocation adds, over all its workers
-    workers: int = 1  # processes on this machine sharing the study
-    storage: str | None = None  # an Optuna database URL; None: sqlite:///<out>/tune.db
-    study_name: str = STUDY_NAME
-    max_epochs: int = 3
+    trials: int = bounded(20, 1, 100_000, metavar="N", help="trials to add, over all workers (default 20)")
+    workers: int = bounded(1, 1, 256, metavar="N",
+                           help="worker processes on this machine sharing the study and the cores (default 1)")
+    # validation images; None: base.data.holdout, else min(5000, a tenth)
+    holdout: int | None = within(range_of(DataConfig, "holdout"), None, metavar="N",
+                                 help="validation images held out from the training split (default: 5000, at most "
+                                      "a tenth)")
+    # a budget: best.yaml leaves it out
+    subset: int | None = within(range_of(DataConfig, "subset"), None, metavar="N",
+                                help="train each trial on N of the remaining training images")
+    max_epochs: int = within(range_of(TrainConfig, "epochs"), 3, metavar="N",
+                             help="epochs are searched in 1..N (default 3)")
     space: tuple[Dim, ...] | None = None  # None: search_space(max_epochs)
-    holdout: int | None = None  # validation images; None: base.data.holdout, else min(5000, a tenth)
-    subset: int | None = None  # train each trial on this many images (a budget: best.yaml leaves it out)
-    threads: int | None = None  # torch threads per worker; None: the cores shared out among the workers
-    startup_trials: int = 5  # random trials before TPE models; finished trials before pruning starts
-    quiet: bool = False
+    startup_trials: int = bounded(5, 0, 10_000, metavar="N",
+                                  help="random trials before TPE, and finished trials before pruning (default 5)")
+    storage: str | None = setting(None, "Optuna database URL shared by workers on several machines (default: "
+                                        "sqlite:///OUT/tune.db)", metavar="URL")
+    study_name: str = setting(STUDY_NAME, "study in the storage; continued if it exists")
+    threads: int | None = within(THREADS, None, metavar="N", help="torch threads per worker (default: cores / "
+                                                                   "workers)")
+    out: Path | None = setting(None, "directory for tune.db, trials/ and best.yaml (default runs/tune-DATE); an "
+                                     "existing one is continued", path=True)
+    quiet: bool = setting(False, "no line per finished trial", action="store_true")
+
+    def out_dir(self) -> Path:
+        """``out``, else a new ``runs/tune-DATE``."""
+        return Path(self.out) if self.out is not None else Path("runs") / f"tune-{_dt.datetime.now():%Y%m%d-%H%M%S}"
 
     def resolved_space(self) -> tuple[Dim, ...]:
         return self.space if self.space is not None else search_space(self.max_epochs)
@@ -401,12 +420,10 @@ def _budget(tc: TuneConfig) -> tuple[RunConfig, RunConfig, str]:
 
 def tune(tc: TuneConfig) -> TuneResult:
     """Run ``tc.trials`` trials on ``tc.workers`` worker processes; write ``best.yaml``; return the study's trials."""
-    for what, n in (("trials", tc.trials), ("workers", tc.workers), ("max epochs", tc.max_epochs)):
-        if n < 1:
-            raise NinError(f"{what} must be at least 1, got {n}")
+    check_ranges(tc)
     import_optuna()
     space = tc.resolved_space()
-    out = Path(tc.out) if tc.out is not None else Path("runs") / f"tune-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    out = tc.out_dir()
     # A storage given by URL is opened first: a bad one fails before anything is written or any data read.
     storage = open_storage(tc.storage) if tc.storage is not None else None
     out = prepare_out(out)
