@@ -107,10 +107,17 @@ def test_hand_count_formula_reproduces_nin_d2l():
     assert hand_param_count(models.SPECS["nin_d2l"], 1, 10, batch_norm=False) == 1_992_166
 
 
-def test_nin28_parameter_count_matches_a_hand_count_of_its_spec():
-    model = create_model("nin28")
-    expected = hand_param_count(models.SPECS["nin28"], in_channels=1, num_classes=10, batch_norm=True)
-    assert n_params(model) == expected
+# The 28x28 family: parameters as recorded, each also a hand count of its spec (BatchNorm, a linear last conv).
+RECORDED_PARAMS = {"nin28": 79_898, "nin28_s": 116_138, "nin28_m": 459_594, "nin28_l": 1_399_786}
+
+
+@pytest.mark.parametrize("name", sorted(RECORDED_PARAMS))
+def test_nin28_family_parameter_counts_match_the_record_and_a_hand_count_of_the_spec(name):
+    model = create_model(name)
+    expected = hand_param_count(models.SPECS[name], in_channels=1, num_classes=10, batch_norm=True)
+    assert n_params(model) == expected == RECORDED_PARAMS[name]
+    assert n_params(model) < 2_000_000  # a NiN that beats a 2 M-parameter budget, as issue 20 asks
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())  # a GAP head, no fully connected layer
     # and the BatchNorm convs really have no bias while the linear classifier conv does
     last = blocks(model)[-1]
     assert isinstance(last[-1], nn.Conv2d) and last[-1].bias is not None
@@ -407,7 +414,7 @@ def test_registering_an_existing_global_name_raises_and_changes_nothing():
 def test_list_models_is_sorted_and_holds_the_nin_models_and_the_baselines():
     names = list_models()
     assert names == sorted(names)
-    assert set(list_models("nin")) == {"nin_d2l", "nin_cifar10", "nin28"}
+    assert set(list_models("nin")) == {"nin_d2l", "nin_cifar10", "nin28", "nin28_s", "nin28_m", "nin28_l"}
     assert set(list_models("classic")) == {"lenet", "alexnet", "vgg11"}
     assert set(names) == set(list_models("nin")) | set(list_models("classic"))
 

@@ -17,7 +17,8 @@ from nin.models import create_model, list_models
 ALL = list_models()
 
 # Recorded forward FLOPs per image at each model's own input size (2 x the MACs of convs and linear layers).
-RECORDED = {"nin_d2l": 1_524_594_704, "nin_cifar10": 444_973_056, "nin28": 12_261_760,
+RECORDED = {"nin_d2l": 1_524_594_704, "nin_cifar10": 444_973_056, "nin28": 12_261_760, "nin28_s": 19_844_608,
+            "nin28_m": 78_224_384, "nin28_l": 319_646_208,
             "lenet": 833_040, "alexnet": 1_876_292_352, "vgg11": 15_094_464_512}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -87,6 +88,9 @@ def test_known_figures():
     assert d2l.first_fc_params == 0
     cifar = profile_model(create_model("nin_cifar10"))
     assert cifar.params == 966_986 and cifar.macs == 222_486_528
+    # the wider 28x28 NiNs (issue 20): parameters and MACs per image
+    assert [(p.params, p.macs) for p in map(profile_model, map(create_model, ("nin28_s", "nin28_m", "nin28_l")))] \
+        == [(116_138, 9_922_304), (459_594, 39_112_192), (1_399_786, 159_823_104)]
     assert profile_model(create_model("vgg11")).first_fc_params == 512 * 7 * 7 * 4096 + 4096
 
 
@@ -170,7 +174,8 @@ def test_an_input_too_small_is_one_clear_error():
 
 # Batch 128 where a real step takes seconds here; the 224x224 models at a smaller batch
 # (docs/resources.md has them all at 128, from `nin profile`).
-BATCHES = {"nin28": 128, "lenet": 128, "nin_cifar10": 128, "nin_d2l": 16, "alexnet": 16, "vgg11": 4}
+BATCHES = {"nin28": 128, "nin28_s": 128, "nin28_m": 128, "nin28_l": 64,
+           "lenet": 128, "nin_cifar10": 128, "nin_d2l": 16, "alexnet": 16, "vgg11": 4}
 
 
 def test_every_model_has_a_measured_batch():

@@ -40,7 +40,8 @@ from nin.models.specs import (
     conv_out_size,
 )
 
-__all__ = ["DEFAULT_MODEL", "OVERRIDES", "SPECS", "NiN", "nin28", "nin_block", "nin_cifar10", "nin_d2l"]
+__all__ = ["DEFAULT_MODEL", "OVERRIDES", "SPECS", "NiN", "nin28", "nin28_l", "nin28_m", "nin28_s", "nin_block",
+           "nin_cifar10", "nin_d2l"]
 
 
 # --------------------------------------------------------------------------- specs
@@ -388,8 +389,35 @@ NIN28: tuple[Stage, ...] = (
     Block(96, 3, padding=1, mlp=(96, CLASSES), relu_last=False),
 )
 
+#: Wider NiNs for 28x28, for accuracy per parameter rather than speed: the same three resolutions, BatchNorm,
+#: and widths doubling with each halving of the maps (small, medium, large). ``l`` adds a second block at
+#: 14 pixels. Each is a NiN (mlpconv blocks, a global-average-pooling head, no fully connected layer).
+NIN28_S: tuple[Stage, ...] = (
+    Block(32, 3, padding=1, mlp=(32,)),
+    Pool("max", 3, 2, padding=1),
+    Block(64, 3, padding=1, mlp=(64,)),
+    Pool("max", 3, 2, padding=1),
+    Block(128, 3, padding=1, mlp=(128, CLASSES), relu_last=False),
+)
+NIN28_M: tuple[Stage, ...] = (
+    Block(64, 3, padding=1, mlp=(64,)),
+    Pool("max", 3, 2, padding=1),
+    Block(128, 3, padding=1, mlp=(128,)),
+    Pool("max", 3, 2, padding=1),
+    Block(256, 3, padding=1, mlp=(256, CLASSES), relu_last=False),
+)
+NIN28_L: tuple[Stage, ...] = (
+    Block(96, 3, padding=1, mlp=(96,)),
+    Pool("max", 3, 2, padding=1),
+    Block(192, 3, padding=1, mlp=(192,)),
+    Block(192, 3, padding=1, mlp=(192,)),
+    Pool("max", 3, 2, padding=1),
+    Block(384, 3, padding=1, mlp=(384, CLASSES), relu_last=False),
+)
+
 SPECS: Mapping[str, tuple[Stage, ...]] = MappingProxyType(
-    {"nin_d2l": NIN_D2L, "nin_cifar10": NIN_CIFAR10, "nin28": NIN28}
+    {"nin_d2l": NIN_D2L, "nin_cifar10": NIN_CIFAR10, "nin28": NIN28, "nin28_s": NIN28_S, "nin28_m": NIN28_M,
+     "nin28_l": NIN28_L}
 )
 
 
@@ -409,6 +437,22 @@ def nin_cifar10(**kw) -> NiN:
                 options=OVERRIDES)
 def nin28(**kw) -> NiN:
     return _build(NIN28, (1, 28, 28), **{"batch_norm": True, **kw})
+
+
+@register_model((1, 28, 28), "wider NiN for 28x28 with BatchNorm: 32-32 / 64-64 / 128-128-10", options=OVERRIDES)
+def nin28_s(**kw) -> NiN:
+    return _build(NIN28_S, (1, 28, 28), **{"batch_norm": True, **kw})
+
+
+@register_model((1, 28, 28), "wider NiN for 28x28 with BatchNorm: 64-64 / 128-128 / 256-256-10", options=OVERRIDES)
+def nin28_m(**kw) -> NiN:
+    return _build(NIN28_M, (1, 28, 28), **{"batch_norm": True, **kw})
+
+
+@register_model((1, 28, 28), "wider NiN for 28x28 with BatchNorm: 96-96 / 192-192 x2 / 384-384-10",
+                options=OVERRIDES)
+def nin28_l(**kw) -> NiN:
+    return _build(NIN28_L, (1, 28, 28), **{"batch_norm": True, **kw})
 
 
 DEFAULT_MODEL = "nin28"
