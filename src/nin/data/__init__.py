@@ -48,6 +48,8 @@ class DataConfig:
                                   "training set")
     crop_padding: int = bounded(0, 0, 64, help="random translation of up to N pixels")
     flip: bool = setting(True, "random horizontal flips")
+    erase: float = bounded(0.0, 0, 1, help="random erasing: the share of training images with one random rectangle "
+                                           "(2-40%% of the image) filled with a random value (default 0: off)")
     test_dir: str | None = setting(None, "folder data: a test folder with the same class sub-folders", path=True)
     test_fraction: float = bounded(0.2, 0, 1, lo_open=True, hi_open=True,
                                    help="folder data without --test-dir: seeded share of each class held out "

@@ -1,9 +1,9 @@
 """Batches from a split held on the training device as one uint8 tensor.
 
 Nothing happens per image in Python: each batch is an index slice of the
-resident tensor; augmentation (random translation by crop-with-padding and
-horizontal flips), conversion to float, normalization and resizing are done on
-the whole batch on the device.
+resident tensor; augmentation (random translation by crop-with-padding,
+horizontal flips and random erasing), conversion to float, normalization and
+resizing are done on the whole batch on the device.
 
 Order is a pure function of ``(seed, epoch)``: the permutation and every
 augmentation draw for an epoch are made up front, so a run resumed at any step
@@ -25,17 +25,26 @@ import torch.nn.functional as F
 
 from nin.errors import NinError
 
+#: Random erasing (Zhong et al., "Random Erasing Data Augmentation", AAAI 2020, arXiv:1708.04896): the
+#: erased rectangle covers a uniform share of the image in this range, with a log-uniform aspect ratio
+#: (height over width) in ``ERASE_RATIO`` (the paper's s_l, s_h and r_1).
+ERASE_AREA = (0.02, 0.4)
+ERASE_RATIO = (0.3, 1 / 0.3)
+
 
 @dataclass(frozen=True)
 class Augment:
-    """Random translation by up to ``crop_padding`` pixels and random horizontal flips."""
+    """Random translation by up to ``crop_padding`` pixels, random horizontal flips, and random erasing: with
+    probability ``erase``, one rectangle of the image (see :data:`ERASE_AREA`) filled with one random value
+    per channel."""
 
     crop_padding: int = 0
     flip: bool = False
+    erase: float = 0.0
 
     @property
     def enabled(self) -> bool:
-        return self.crop_padding > 0 or self.flip
+        return self.crop_padding > 0 or self.flip or self.erase > 0
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -140,18 +149,23 @@ class DeviceLoader:
         # The epoch's order and augmentation draws go to the device once; each batch is then
         # pure device work with no host round trip.
         batches = self._batches(self._order().to(self.device))
-        shifts = flips = None
+        shifts = flips = boxes = None
         if self.augment.enabled:
             g = self._generator(1)
             n, p = len(self.images), self.augment.crop_padding
             shifts = torch.randint(-p, p + 1, (n, 2), generator=g).to(self.device) if p else None
             flips = (torch.rand(n, generator=g) < 0.5).to(self.device) if self.augment.flip else None
+            if self.augment.erase > 0:  # its own stream: turning erasing on leaves the other draws as they were
+                boxes = erase_boxes(n, self.images.shape[1:], self.augment.erase, self._generator(2))
+                boxes = boxes.to(self.device)
         for idx in batches[start:]:
             x = self.images[idx]
             if shifts is not None:
                 x = translate(x, shifts[idx], self.augment.crop_padding)
             if flips is not None:
                 x = torch.where(flips[idx].view(-1, 1, 1, 1), x.flip(-1), x)
+            if boxes is not None:
+                x = erase(x, boxes[idx])
             yield self.transform(x), self.labels[idx]
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,6 +196,40 @@ def translate(x: torch.Tensor, shifts: torch.Tensor, max_shift: int | None = Non
     bi = torch.arange(b, device=x.device).view(b, 1, 1, 1)
     ci = torch.arange(c, device=x.device).view(1, c, 1, 1)
     return padded[bi, ci, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+
+
+def erase_boxes(n: int, shape: tuple[int, int, int], p: float, generator: torch.Generator) -> torch.Tensor:
+    """Random erasing draws for ``n`` images of ``shape`` (C, H, W): int64 ``[n, 4 + C]`` rows
+    ``(top, left, height, width, fill...)``; a height of 0 leaves the image as it is (probability ``1 - p``).
+
+    Each rectangle covers a uniform share of the image in :data:`ERASE_AREA`, with a log-uniform aspect ratio
+    in :data:`ERASE_RATIO`, clipped to the image, at a uniform position where it fits; ``fill`` is one uniform
+    uint8 value per channel.
+    """
+    c, h, w = shape
+    u = torch.rand(n, 5, generator=generator, dtype=torch.float64)
+    area = (ERASE_AREA[0] + (ERASE_AREA[1] - ERASE_AREA[0]) * u[:, 0]) * h * w
+    lo, hi = torch.tensor(ERASE_RATIO, dtype=torch.float64).log()
+    ratio = (lo + (hi - lo) * u[:, 1]).exp()
+    eh = (area * ratio).sqrt().round().clamp(1, h).long()
+    ew = (area / ratio).sqrt().round().clamp(1, w).long()
+    top = (u[:, 2] * (h - eh + 1)).long().clamp(max=h - 1)
+    left = (u[:, 3] * (w - ew + 1)).long().clamp(max=w - 1)
+    eh = torch.where(u[:, 4] < p, eh, torch.zeros_like(eh))
+    fill = torch.randint(0, 256, (n, c), generator=generator)
+    return torch.cat([torch.stack([top, left, eh, ew], 1), fill], 1)
+
+
+def erase(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Fill rectangle ``boxes[i] = (top, left, height, width, fill...)`` of each image of uint8 ``x`` with its
+    fill values (one per channel); a height of 0 erases nothing. One masked select for the whole batch."""
+    b, c, h, w = x.shape
+    rows = torch.arange(h, device=x.device).view(1, h)
+    cols = torch.arange(w, device=x.device).view(1, w)
+    top, left, eh, ew = (boxes[:, i : i + 1] for i in range(4))
+    in_rows = ((rows >= top) & (rows < top + eh)).view(b, 1, h, 1)
+    inside = in_rows & ((cols >= left) & (cols < left + ew)).view(b, 1, 1, w)
+    return torch.where(inside, boxes[:, 4:].to(x.dtype).view(b, c, 1, 1), x)
 
 
 def _per_channel(values: tuple[float, ...], channels: int) -> list[float]:

@@ -19,6 +19,7 @@ from nin.data.loader import DeviceLoader
 from nin.errors import NinError
 from nin.models import create_model
 from nin.training import checkpoint as ckpt
+from nin.training.callbacks.ema import averaged_weights
 from nin.training.config import RunConfig
 from nin.training.run import SPLIT_SEED, WHITENING_FILE
 from nin.training.runtime import resolve_device
@@ -110,7 +111,8 @@ def _shown(value: Any) -> str:
 
 
 def load_trained(checkpoint: str | os.PathLike, device: str = "auto") -> Trained:
-    """Rebuild the model saved in a checkpoint (or a run's latest one) on ``device``, in eval mode."""
+    """Rebuild the model saved in a checkpoint (or a run's latest one) on ``device``, in eval mode: with the
+    run's averaged weights when it kept an EMA (``train.ema``), as those are the ones it evaluated."""
     path = ckpt.resolve(checkpoint)
     meta = ckpt.read_meta(path)
     where = path / "meta.json"
@@ -140,6 +142,10 @@ def load_trained(checkpoint: str | os.PathLike, device: str = "auto") -> Trained
                                    "weights meta.json declares (truncated, or not this model's)")
     model = create_model(name, **options)
     ckpt.load_weights(path, model, meta)
+    if config.train.ema > 0:  # the weights the run evaluated, and so the ones to deploy, are the average
+        averaged = averaged_weights(ckpt.load_state(path, meta))
+        if averaged is not None:
+            ckpt.load_checked(model, averaged, path / "state.safetensors")
     dev = resolve_device(device)
     whitening = None
     if d.get("whitening"):

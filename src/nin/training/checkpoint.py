@@ -230,7 +230,14 @@ def _load_tensors(file: Path, meta: dict[str, Any] | None) -> dict[str, torch.Te
 def load_weights(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None) -> None:
     """Load a checkpoint's weights into ``model``; any mismatch is an error, never a partial load."""
     file = Path(path) / "model.safetensors"
-    weights = _load_tensors(file, meta if meta is not None else read_meta(path))
+    load_checked(model, _load_tensors(file, meta if meta is not None else read_meta(path)), file)
+
+
+def load_checked(model: nn.Module, weights: dict[str, torch.Tensor], file: str | os.PathLike) -> None:
+    """``model.load_state_dict(weights)`` if every name, shape and dtype matches, else a CheckpointError naming
+    ``file`` (nothing is loaded)."""
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{file}: the weights are not a table of tensors")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))

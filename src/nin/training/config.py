@@ -67,6 +67,10 @@ class TrainConfig:
     gamma: float = bounded(0.1, 0, 1, lo_open=True, help="step schedule: factor applied at each milestone "
                                                           "(default 0.1)")
     label_smoothing: float = bounded(0.1, 0, 1, hi_open=True, help="cross-entropy label smoothing")
+    ema: float = bounded(0.0, 0, 1, hi_open=True,
+                         help="keep an exponential moving average of the weights with this decay per step (e.g. "
+                              "0.999), evaluated, checkpointed and used for inference in their place (default 0: "
+                              "off)")
     # Speed. "auto"/None pick per device (see resolved() and amp_choice()): on CUDA, bf16 where the GPU has
     # it natively (compute capability 8.0+), else fp16 with a gradient scaler, plus channels_last and compile;
     # on a CPU, bf16 only where oneDNN runs it natively, channels_last always, no compile.
@@ -91,6 +95,13 @@ class TrainConfig:
     rollback_factor: float = bounded(0.5, 0, 1, lo_open=True, hi_open=True,
                                      help="rollback: multiply the lr by this (default 0.5)")
     max_rollbacks: int = bounded(3, 1, 100, help="rollback: give up after N (default 3)")
+    # Logging only: neither changes the training (nin.training.callbacks.tensorboard).
+    tensorboard: bool = setting(False, "live curves for TensorBoard in RUN/tensorboard/: step and epoch metrics, "
+                                       "class maps of test images, the settings (default off; needs the "
+                                       "tensorboard package)")
+    tensorboard_every: int = bounded(50, 1, 10**6, metavar="N",
+                                     help="--tensorboard: step metrics every N steps (default 50; each reads the "
+                                          "loss from the device)")
     # Distributed runs only: BatchNorm statistics over the global batch (SyncBatchNorm) rather than each
     # process's slice. None: on for GPUs; PyTorch's SyncBatchNorm does not run on CPUs.
     sync_bn: bool | None = None
@@ -121,6 +132,9 @@ class TrainConfig:
             compile=cuda if self.compile is None else self.compile,
             sync_bn=cuda if self.sync_bn is None else self.sync_bn,
         )
+
+
+SPEED = ("amp", "channels_last", "compile", "fused", "fold_bn")  # TrainConfig's speed switches
 
 
 @dataclass

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import copy
 import math
-import signal
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -381,7 +378,11 @@ class Trainer:
             "epoch_time": t["seconds"],
         }
         if self.test_loader is not None:
-            ev = evaluate(self.eval_model(), self.test_loader, self.criterion, self.autocast)
+            self.callbacks.call("on_eval_start", self)  # e.g. an EMA puts its averaged weights in
+            try:
+                ev = evaluate(self.eval_model(), self.test_loader, self.criterion, self.autocast)
+            finally:
+                self.callbacks.call("on_eval_end", self)
             metrics |= {"test_loss": ev["loss"], "test_acc": ev["acc"]}
         metrics["wall_time"] = time.perf_counter() - self.start_time
         self.history.append(metrics)
@@ -413,40 +414,6 @@ class _Running:
     def tally(self) -> dict[str, float]:
         return {"loss_sum": float(self.loss_sum), "correct": float(self.correct), "seen": self.seen,
                 "seconds": self.seconds + time.perf_counter() - self.t0}
-
-
-@contextmanager
-def stop_on_signals(trainer: Trainer, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
-                    file=None) -> Iterator[list[int]]:
-    """While inside, SIGINT or SIGTERM asks ``trainer`` to stop after the current step (its callbacks then
-    save a checkpoint); a second signal stops at once. Yields the list of signals received.
-
-    Only the main thread can take signals; elsewhere this does nothing.
-    """
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-    previous = {s: signal.getsignal(s) for s in signals}
-
-    def handle(signum: int, frame: Any) -> None:
-        received.append(signum)
-        if trainer.should_stop:  # the second one: give up at once
-            for s, h in previous.items():
-                signal.signal(s, h)
-            raise KeyboardInterrupt
-        trainer.should_stop = True
-        if trainer.dist.is_main:
-            print(f"\nnin: {signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-                  "(send it again to stop at once)", file=file or sys.stderr, flush=True)
-
-    for s in signals:
-        signal.signal(s, handle)
-    try:
-        yield received
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _rng_state() -> dict[str, Any]:

@@ -19,7 +19,7 @@ from nin.errors import NinError
 if TYPE_CHECKING:
     from nin.training.trainer import Trainer
 
-HOOKS = ("on_fit_start", "on_step_end", "on_epoch_end", "on_rollback", "on_fit_end")
+HOOKS = ("on_fit_start", "on_step_end", "on_eval_start", "on_eval_end", "on_epoch_end", "on_rollback", "on_fit_end")
 
 
 class Callback:
@@ -28,6 +28,12 @@ class Callback:
     def on_fit_start(self, trainer: Trainer) -> None: ...
 
     def on_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None: ...
+
+    def on_eval_start(self, trainer: Trainer) -> None:
+        """The epoch's evaluation is about to run on ``trainer.model`` (an EMA swaps its weights in here)."""
+
+    def on_eval_end(self, trainer: Trainer) -> None:
+        """The epoch's evaluation is done (before ``on_epoch_end``, which gets its metrics)."""
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
 
@@ -42,7 +48,8 @@ class Callback:
         return type(self).__name__
 
     def state_dict(self) -> dict[str, Any]:
-        """What this callback must remember across a resume, as plain values (JSON: it goes in meta.json)."""
+        """What this callback must remember across a resume: plain values (they go in meta.json) and tensors
+        (they go in state.safetensors)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
