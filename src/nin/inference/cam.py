@@ -47,14 +47,19 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def plot_cams(panels: list[list[dict]], path: str | os.PathLike, title: str = "", *, exclusive: bool = False) -> Path:
-    """A grid of overlays. ``panels[row][col]`` holds ``image`` (H x W or H x W x 3 uint8 array), ``map``
-    (H x W, 0-1) and ``title``. ``exclusive``: never over an existing file."""
+    """A grid of overlays (:func:`cam_figure`) saved as a PNG. ``exclusive``: never over an existing file."""
+    from nin.plots import _save
+
+    return _save(cam_figure(panels, title), path, exclusive=exclusive)
+
+
+def cam_figure(panels: list[list[dict]], title: str = ""):
+    """A matplotlib figure of overlays. ``panels[row][col]`` holds ``image`` (H x W or H x W x 3 uint8 array),
+    ``map`` (H x W, 0-1) and ``title``. Saved by :func:`plot_cams`, or logged as an image (TensorBoard)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from nin.plots import _save
 
     rows, cols = len(panels), max(len(r) for r in panels)
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.5 * rows), dpi=120, squeeze=False)
@@ -69,7 +74,7 @@ def plot_cams(panels: list[list[dict]], path: str | os.PathLike, title: str = ""
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path, exclusive=exclusive)
+    return fig
 
 
 def cam_panels(trained, images: torch.Tensor, top_k: int, labels: torch.Tensor | None = None) -> list[list[dict]]:
