@@ -1,11 +1,14 @@
 """What the commands compute, as library functions (the handlers in nin.cli only parse, call one and print):
 ``describe_models`` (nin models), ``stage_shapes`` (nin shapes), ``evaluate_trained`` and ``write_evaluation``
-(nin evaluate), ``grid_panels`` and ``image_panels`` (nin cam)."""
+(nin evaluate), ``grid_panels`` and ``image_panels`` (nin cam), ``result_lines`` (nin train; nin bench's are in
+test_bench.py)."""
 
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +24,7 @@ from nin.inference.evaluate import evaluate_trained, write_evaluation
 from nin.inference.trained import load_trained
 from nin.models import DEFAULT_MODEL, create_model, list_models
 from nin.models.registry import describe_models
+from nin.training.run import result_lines
 
 
 def test_describe_models_lists_every_registered_model_with_its_real_parameter_count():
@@ -106,6 +110,16 @@ def test_write_evaluation_writes_both_files_and_never_replaces_them_without_forc
     write_evaluation(ev, tmp_path / "out", force=True)
 
 
+@pytest.mark.slow
+def test_an_evaluation_with_tta_says_so_and_is_written_beside_the_plain_one(trained, tmp_path):
+    plain, tta = evaluate_trained(trained), evaluate_trained(trained, tta=True)
+    assert not plain.tta and tta.tta and tta.examples == plain.examples and not trained.model.training
+    assert [p.name for p in write_evaluation(plain, tmp_path)] == ["confusion.png", "evaluation.json"]
+    assert [p.name for p in write_evaluation(tta, tmp_path)] == ["confusion-tta.png", "evaluation-tta.json"]
+    assert json.loads((tmp_path / "evaluation.json").read_text())["tta"] is False
+    assert json.loads((tmp_path / "evaluation-tta.json").read_text())["tta"] is True
+
+
 def test_grid_panels_lay_out_rows_of_eight_with_true_and_predicted_classes(trained):
     panels, title = grid_panels(trained, 11)
     assert [len(row) for row in panels] == [GRID_COLUMNS, 11 - GRID_COLUMNS]
@@ -120,3 +134,42 @@ def test_image_panels_give_each_image_a_row_of_its_top_classes(trained):
     panels, title = image_panels(trained, images, top_k=5)
     assert [len(row) for row in panels] == [3, 3]  # top 5 of 3 classes: all three
     assert title == "nin28: class maps of the top 3 classes"
+
+
+def ended(**kw) -> SimpleNamespace:
+    """A finished run's result, as nin.training.run.train returns it, with ``kw`` changed."""
+    trainer = SimpleNamespace(device=torch.device("cpu"), step=7, epoch=1, pos=SimpleNamespace(batch=3), rollbacks=[],
+                              lr_scale=1.0)
+    history = [{"train_loss": 0.5, "train_acc": 0.8, "test_acc": 0.75, "epoch_time": 2.0, "examples_per_sec": 100.0}]
+    return SimpleNamespace(**{"history": history, "run_dir": Path("runs/r"), "checkpoint": Path("runs/r/ck/step-7"),
+                              "trainer": trainer, "skipped": [], "best": None, "signals": [], **kw})
+
+
+def test_result_lines_of_a_finished_run_are_the_seeds_summary_and_where_it_went():
+    out, err = result_lines(ended())
+    assert out == ["loss 0.500, train acc 0.800, test acc 0.750", "100.0 examples/sec on cpu",
+                   "run directory: runs/r  (checkpoint: runs/r/ck/step-7)"] and err == []
+    r = ended(best=Path("runs/r/ck/step-3"))
+    r.trainer.rollbacks, r.trainer.lr_scale = [{}, {}], 0.25
+    out, _ = result_lines(r)
+    assert out[2] == ("rolled back 2 time(s) after a non-finite loss; the learning rate ended x0.25 (log: "
+                      "runs/r/rollbacks.jsonl)")
+    assert out[3] == "run directory: runs/r  (checkpoint: runs/r/ck/step-7, best: runs/r/ck/step-3)"
+
+
+def test_result_lines_of_a_stopped_run_name_the_checkpoint_and_the_command_that_continues_it():
+    out, err = result_lines(ended(signals=[int(signal.SIGTERM)]))
+    assert out == [] and err == ["stopped by SIGTERM at step 7 (epoch 2, batch 3); checkpoint: runs/r/ck/step-7",
+                                 "to continue: nin train --resume runs/r"]
+    out, err = result_lines(ended(history=[]))
+    assert out == ["stopped before the end of the first epoch; checkpoint: runs/r/ck/step-7"] and err == []
+
+
+def test_result_lines_warn_of_skipped_images_naming_the_first_five():
+    skipped = [(f"img{i}.png", "bad") for i in range(7)]
+    out, err = result_lines(ended(skipped=skipped))
+    assert err == ["nin: warning: skipped 7 undecodable image(s): img0.png, img1.png, img2.png, img3.png, img4.png "
+                   "... (listed in runs/r/config.json)"]
+    assert out[-1].startswith("run directory:")
+    assert result_lines(ended(skipped=skipped[:1]))[1][0].startswith("nin: warning: skipped 1 undecodable image(s): "
+                                                                       "img0.png (listed")

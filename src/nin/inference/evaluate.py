@@ -13,6 +13,7 @@ from torch import nn
 from nin.atomic import atomic_paths
 from nin.data.loader import DeviceLoader
 from nin.errors import NinError
+from nin.inference.tta import with_tta
 
 
 @torch.inference_mode()
@@ -53,6 +54,7 @@ class Evaluation:
     dataset: str
     classes: list[str]
     confusion: torch.Tensor  # int64 [classes, classes]: row = true class, column = predicted
+    tta: bool = False  # predictions averaged over the image and its mirror image (nin.inference.tta)
 
     @property
     def examples(self) -> int:
@@ -69,25 +71,35 @@ class Evaluation:
 
     def to_dict(self) -> dict:
         return {"checkpoint": self.checkpoint, "model": self.model, "dataset": self.dataset,
-                "examples": self.examples, "test_acc": self.accuracy,
+                "examples": self.examples, "test_acc": self.accuracy, "tta": self.tta,
                 "per_class_acc": dict(zip(self.classes, self.per_class)), "confusion": self.confusion.tolist()}
 
 
-def evaluate_trained(trained, data_dir: str | None = None, batch_size: int = 1000) -> Evaluation:
-    """Score ``trained`` (:func:`nin.inference.trained.load_trained`) on its run's test split."""
+def evaluate_trained(trained, data_dir: str | None = None, batch_size: int = 1000, *, tta: bool = False) -> Evaluation:
+    """Score ``trained`` (:func:`nin.inference.trained.load_trained`) on its run's test split; ``tta``: with
+    horizontal-flip test-time augmentation (:class:`nin.inference.tta.FlipTTA`)."""
     test = checked_test_split(trained, data_dir)
-    preds, truth = predict(trained.model, trained.loader(test.images, test.labels, batch_size))
+    preds, truth = predict(with_tta(trained.model, tta), trained.loader(test.images, test.labels, batch_size))
     cm = confusion_matrix(preds, truth, len(trained.classes))
-    return Evaluation(str(trained.path), trained.name, trained.dataset, list(trained.classes), cm)
+    return Evaluation(str(trained.path), trained.name, trained.dataset, list(trained.classes), cm, tta)
+
+
+def evaluation_paths(out: str | os.PathLike, tta: bool = False) -> tuple[Path, Path]:
+    """The figure and JSON that :func:`write_evaluation` writes in ``out``: ``confusion.png`` and
+    ``evaluation.json``, or ``confusion-tta.png`` and ``evaluation-tta.json`` for an evaluation with ``tta``, so
+    that the two never replace each other."""
+    suffix = "-tta" if tta else ""
+    return Path(out) / f"confusion{suffix}.png", Path(out) / f"evaluation{suffix}.json"
 
 
 def write_evaluation(ev: Evaluation, out: str | os.PathLike, *, force: bool = False) -> tuple[Path, Path]:
-    """``OUT/confusion.png`` and ``OUT/evaluation.json``, both or neither; existing ones are kept unless ``force``."""
+    """:func:`evaluation_paths` (``OUT/confusion.png`` and ``OUT/evaluation.json``, or their ``-tta`` names), both or
+    neither; existing ones are kept unless ``force``."""
     from nin.plots import plot_confusion
 
-    out = Path(out)
-    png, doc = out / "confusion.png", out / "evaluation.json"
+    png, doc = evaluation_paths(out, ev.tta)
+    title = f"{ev.model}: test acc {ev.accuracy:.4f}" + (" (flip TTA)" if ev.tta else "")
     with atomic_paths(png, doc, exclusive=not force) as (tmp_png, tmp_json):
-        plot_confusion(ev.confusion, ev.classes, tmp_png, title=f"{ev.model}: test acc {ev.accuracy:.4f}")
+        plot_confusion(ev.confusion, ev.classes, tmp_png, title=title)
         tmp_json.write_text(json.dumps({**ev.to_dict(), "confusion_png": str(png)}, indent=1))
     return png, doc

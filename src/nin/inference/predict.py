@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from nin.errors import NinError
+from nin.inference.tta import tta_probabilities
 
 FIT = "crop"  # how an image of another aspect ratio is brought to the stored size (as folder data sets are)
 
@@ -79,10 +80,11 @@ def decode(files: list[Path], channels: int, size: tuple[int, int], max_pixels: 
 
 @torch.inference_mode()
 def predict_files(trained, paths: list[str | os.PathLike], top_k: int = 5, batch_size: int = 256,
-                  max_pixels: int | None = None):
+                  max_pixels: int | None = None, *, tta: bool = False):
     """Top-``top_k`` classes of each readable file; returns (predictions, [(file, reason), ...]).
 
     ``max_pixels`` caps each image's pixels (None: :data:`nin.data.folder.MAX_PIXELS`), as in :func:`decode`.
+    ``tta``: the probabilities averaged over each image and its mirror image (:mod:`nin.inference.tta`).
     """
     if top_k < 1:
         raise NinError(f"--top-k must be at least 1, got {top_k}")
@@ -93,7 +95,7 @@ def predict_files(trained, paths: list[str | os.PathLike], top_k: int = 5, batch
     loader = trained.loader(images, batch_size=batch_size)
     model = trained.model.eval()
     k = min(top_k, len(trained.classes))
-    probs = torch.cat([model(x).float().softmax(1) for x, _ in loader]).cpu()
+    probs = torch.cat([tta_probabilities(model, x) if tta else model(x).float().softmax(1) for x, _ in loader]).cpu()
     values, indices = probs.topk(k, dim=1)
     preds = [Prediction(str(f), [(trained.classes[i], float(v)) for v, i in zip(vs.tolist(), ix.tolist())])
              for f, vs, ix in zip(good, values, indices)]

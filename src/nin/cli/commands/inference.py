@@ -24,6 +24,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=_ranged("train.batch_size", int), default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="one JSON document: predictions and per-file errors")
+    _add_tta(p, "the probabilities are averaged over each image and its mirror image")
 
     p = sub.add_parser("cam", help="class activation maps of a trained NiN over image files or test images (PNG)",
                        description="Overlay each image with the class maps of its top-k classes: channel k of a "
@@ -61,9 +62,24 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=_ranged("train.batch_size", int), default=1000)
     p.add_argument("--out", type=_path, help="folder to write confusion.png and evaluation.json in (default: the "
                                              "checkpoint's); existing ones are never replaced unless --force")
-    p.add_argument("--force", action="store_true", help="replace confusion.png and evaluation.json if they exist")
+    p.add_argument("--force", action="store_true", help="replace confusion.png and evaluation.json (with --tta: "
+                                                          "their -tta names) if they exist")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_tta(p, "each test image's predicted probabilities are averaged with its mirror image's; writes "
+                "confusion-tta.png and evaluation-tta.json instead")
 
+
+def _add_tta(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
+                   help=f"test-time augmentation by horizontal flips: {what} (default: off)")
+
+
+def _note_tta(trained, tta: bool) -> None:
+    from nin.inference.tta import tta_note
+
+    note = tta_note(trained) if tta else None
+    if note:
+        print(f"nin: note: {note}", file=sys.stderr, flush=True)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -72,9 +88,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from nin.inference.trained import load_trained
 
     trained = load_trained(args.checkpoint, args.device)
-    preds, bad = predict_files(trained, args.images, args.top_k, args.batch_size, max_pixels=args.max_pixels)
+    _note_tta(trained, args.tta)
+    preds, bad = predict_files(trained, args.images, args.top_k, args.batch_size, max_pixels=args.max_pixels,
+                               tta=args.tta)
     if args.json:
-        print(json.dumps({"checkpoint": str(trained.path), "model": trained.name,
+        print(json.dumps({"checkpoint": str(trained.path), "model": trained.name, "tta": args.tta,
                           "predictions": [p.to_dict() for p in preds],
                           "errors": [{"file": str(f), "error": why} for f, why in bad]}, indent=1))
     else:
@@ -138,18 +156,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from nin.atomic import refuse_existing
-    from nin.inference.evaluate import evaluate_trained, write_evaluation
+    from nin.inference.evaluate import evaluate_trained, evaluation_paths, write_evaluation
     from nin.inference.trained import load_trained
 
     t = load_trained(args.checkpoint, args.device)
     out = Path(args.out) if args.out else t.path
-    refuse_existing(out / "confusion.png", out / "evaluation.json", force=args.force)  # before the work
-    ev = evaluate_trained(t, args.data_dir, args.batch_size)
+    refuse_existing(*evaluation_paths(out, args.tta), force=args.force)  # before the work
+    _note_tta(t, args.tta)
+    ev = evaluate_trained(t, args.data_dir, args.batch_size, tta=args.tta)
     png, _ = write_evaluation(ev, out, force=args.force)
     if args.json:
         print(json.dumps({**ev.to_dict(), "confusion_png": str(png)}, indent=1))
         return 0
-    print(f"{ev.model} on {ev.dataset} test ({ev.examples:,} images): accuracy {ev.accuracy:.4f}")
+    tta = " with flip TTA" if ev.tta else ""
+    print(f"{ev.model} on {ev.dataset} test ({ev.examples:,} images){tta}: accuracy {ev.accuracy:.4f}")
     for c, a in zip(ev.classes, ev.per_class):
         print(f"  {c:<14}{a:.4f}")
     print(f"confusion matrix: {png}")
