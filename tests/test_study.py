@@ -177,6 +177,26 @@ def test_bad_study_arguments_are_one_line(capsys, argv, needle):
     assert err.count("\n") == 1 and needle in err
 
 
+def test_study_flags_are_the_config_fields_and_the_report_names_what_differs_from_the_defaults():
+    from nin.cli.main import build_parser
+    from nin.cli.options import given_fields
+
+    args = build_parser().parse_args(["study", "lr", "--seeds", "2", "--on-diverge", "rollback", "--data-dir", "d",
+                                      "--device", "auto"])
+    sc = StudyConfig(**given_fields(args, StudyConfig))
+    assert (sc.budget, sc.seeds, sc.epochs, sc.on_diverge, sc.data_dir, sc.device) == ("cpu", 2, None, "rollback",
+                                                                                       "d", "auto")
+    # the budget and --out always; the rest where they differ from the defaults, in the flags' order
+    assert sc.command("lr", "runs/x") == "nin study lr --budget cpu --seeds 2 --data-dir d --on-diverge rollback " \
+                                         "--out runs/x"
+    assert StudyConfig(budget="full").command("init", "o") == "nin study init --budget full --out o"
+    cfg = variant_config(STUDIES["lr"], sc, STUDIES["lr"].budgets["cpu"].variants[0], seed=1)
+    assert cfg.data.data_dir == "d" and cfg.train.on_diverge == "rollback" and cfg.seed == 1
+    assert sc.seed_list(STUDIES["lr"]) == [0, 1]
+    with pytest.raises(NinError, match=r"seeds must be in \[1, 1000\], got 0"):
+        StudyConfig(seeds=0).seed_list(STUDIES["lr"])
+
+
 def test_report_only_without_runs_is_one_line(capsys, tmp_path):
     assert main(["study", "head", "--report-only", "--out", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
@@ -193,3 +213,19 @@ def test_with_rollback_a_study_records_each_rollback_of_a_run(folder, tmp_path, 
     assert [e["lr_scale"] for e in record["rollbacks"]] == [0.5, 0.25, 0.125]  # then it gave up
     report = write_report(study, sc, out, "nin study tiny --on-diverge rollback").read_text()
     assert report.count("lr=1000, seed 0: rolled back at step") == 3 and "learning rate x0.125 from there" in report
+
+
+def test_a_run_recorded_before_a_setting_existed_still_counts_as_the_same_run():
+    from nin.experiments.study import _recorded_config
+    from nin.training.config import preset
+
+    cfg = preset("default").to_dict()
+    older = json.loads(json.dumps(cfg))
+    for added in ("ema", "tensorboard", "tensorboard_every"):  # settings newer than some recorded studies
+        del older["train"][added]
+    del older["data"]["erase"]
+    assert _recorded_config({"config": older}) == json.loads(json.dumps(cfg))
+    changed = json.loads(json.dumps(older))
+    changed["train"]["lr"] = 0.05
+    assert _recorded_config({"config": changed}) != json.loads(json.dumps(cfg))
+    assert _recorded_config({"config": {"train": {"nope": 1}}}) is None and _recorded_config({}) is None

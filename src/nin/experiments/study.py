@@ -24,13 +24,16 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
 from nin.atomic import make_dirs, write_error, write_text
+from nin.bounds import bounded, check_ranges, option_strings, range_of, setting, within
+from nin.data import DataConfig
 from nin.errors import NinError, did_you_mean
+from nin.training.config import TrainConfig
 
 BUDGETS = ("cpu", "full")
 
@@ -207,15 +210,19 @@ def get_study(name: str) -> Study:
 
 @dataclass
 class StudyConfig:
-    """How to run a study: which budget, and what to change about it."""
+    """How to run a study: which budget, and what to change about it (each field with help text is a flag of
+    ``nin study``; None: the budget's)."""
 
-    budget: Literal["cpu", "full"] = "cpu"
-    seeds: int | None = None  # None: the budget's
-    epochs: int | None = None
-    subset: int | None = None  # training images (None: the budget's)
-    device: str = "auto"
-    on_diverge: Literal["stop", "rollback"] = "stop"
-    extra: dict[str, Any] = field(default_factory=dict)  # more dotted-path changes, e.g. {"data.data_dir": ...}
+    budget: Literal["cpu", "full"] = setting(
+        "cpu", "cpu (default): within about 20 minutes on a 2-core CPU; full: the seed's settings, for a GPU")
+    seeds: int | None = bounded(None, 1, 1000, help="seeds per variant (default: the budget's, 3)")
+    epochs: int | None = within(range_of(TrainConfig, "epochs"), None, help="override the budget's epochs")
+    subset: int | None = within(range_of(DataConfig, "subset"), None, help="override the budget's training images")
+    data_dir: str | None = setting(None, "directory holding the data files", path=True)
+    device: str = setting("auto", "auto, cpu or cuda[:N]")
+    on_diverge: Literal["stop", "rollback"] = setting(
+        "stop", "stop (default): a diverged run is recorded as such; rollback: retry it at a lower lr")
+    extra: dict[str, Any] = field(default_factory=dict)  # more dotted-path changes of every run
 
     def budget_of(self, study: Study) -> Budget:
         if self.budget not in study.budgets:
@@ -223,10 +230,29 @@ class StudyConfig:
         return study.budgets[self.budget]
 
     def seed_list(self, study: Study) -> list[int]:
-        n = self.seeds if self.seeds is not None else self.budget_of(study).seeds
-        if n < 1:
-            raise NinError(f"seeds must be at least 1, got {n}")
-        return list(range(n))
+        check_ranges(self)
+        return list(range(self.seeds if self.seeds is not None else self.budget_of(study).seeds))
+
+    def command(self, name: str, out: str | os.PathLike) -> str:
+        """The ``nin study`` command that runs study ``name`` so into ``out``: the budget, and each other setting
+        that is not its default."""
+        words = ["nin study", name, "--budget", self.budget]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("help") and f.name != "budget" and value != f.default:
+                words.append(f"{option_strings(StudyConfig, f.name)[0]} {value}")
+        return " ".join([*words, "--out", str(out)])
+
+
+def _recorded_config(record: dict[str, Any]) -> dict[str, Any] | None:
+    """A recorded run's config with the settings added since it was recorded at their defaults (so a study
+    recorded before a new setting continues), or None if it no longer reads as a config."""
+    from nin.training.config import RunConfig
+
+    try:
+        return json.loads(json.dumps(RunConfig.from_dict(record["config"]).to_dict()))
+    except (NinError, KeyError, TypeError):
+        return None
 
 
 def variant_config(study: Study, sc: StudyConfig, variant: Variant, seed: int):
@@ -240,6 +266,8 @@ def variant_config(study: Study, sc: StudyConfig, variant: Variant, seed: int):
         changes["train.epochs"] = sc.epochs
     if sc.subset is not None:
         changes["data.subset"] = sc.subset
+    if sc.data_dir is not None:
+        changes["data.data_dir"] = sc.data_dir
     changes.update(sc.extra)
     return override(preset(b.preset), changes)
 
@@ -356,7 +384,7 @@ def run_study(study: Study, sc: StudyConfig, out: str | os.PathLike,
             k += 1
             cfg = variant_config(study, sc, variant, seed)
             previous = done.get((variant.label, seed))
-            if previous is not None and previous["config"] == json.loads(json.dumps(cfg.to_dict())):
+            if previous is not None and _recorded_config(previous) == json.loads(json.dumps(cfg.to_dict())):
                 log(f"[{k}/{total}] {variant.label}, seed {seed}: recorded, {_outcome(previous)}")
                 continue
             if previous is not None:

@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +28,13 @@ from nin.files import DirLock, check_dir
 from nin.models import create_model, init_weights, model_entry
 from nin.training import checkpoint as ckpt
 from nin.training import distributed
-from nin.training.callbacks import Checkpointer, CurvePlotter, MetricsWriter, ProgressBar, RollbackLog
+from nin.training.callbacks import EMA, Checkpointer, CurvePlotter, MetricsWriter, ProgressBar, RollbackLog
 from nin.training.callbacks.base import Callback
+from nin.training.callbacks.tensorboard import TENSORBOARD_DIR, TensorBoard, hparams_of, require_tensorboard
 from nin.training.config import RunConfig, load_run_config
 from nin.training.runtime import resolve_device
-from nin.training.trainer import Diverged, Trainer, stop_on_signals
+from nin.training.signals import stop_on_signals
+from nin.training.trainer import Diverged, Trainer
 
 
 @dataclass
@@ -130,7 +133,7 @@ def build(cfg: RunConfig, *, init: bool = True) -> Built:
     # the test set is cut into one contiguous share per process, and the evaluation sums are all-reduced.
     train_loader = DeviceLoader(
         x_train.to(device), y_train.to(device), cfg.train.batch_size, shuffle=True, seed=cfg.seed,
-        augment=Augment(d.crop_padding, d.flip), rank=env.rank, world_size=env.world_size, **common,
+        augment=Augment(d.crop_padding, d.flip, d.erase), rank=env.rank, world_size=env.world_size, **common,
     )
     lo, hi = len(x_test) * env.rank // env.world_size, len(x_test) * (env.rank + 1) // env.world_size
     test_loader = DeviceLoader(x_test[lo:hi].to(device), y_test[lo:hi].to(device), cfg.train.eval_batch_size,
@@ -319,6 +322,8 @@ def _train(cfg, out, resume, keep, callbacks, progress, handle_signals, log, loc
     cfg, run_dir = start.cfg, start.run_dir
     if start.note and log is not None and distributed.is_main_process():
         log(start.note)
+    if cfg.train.tensorboard:  # before the data is loaded: a missing package is one line, not a late traceback
+        distributed.agree(require_tensorboard, run_here=distributed.is_main_process())
     built = build(cfg, init=start.checkpoint is None)
     if start.checkpoint is not None:
         # The main process checks and loads the weights; DistributedDataParallel copies them to the others.
@@ -341,8 +346,12 @@ def _train(cfg, out, resume, keep, callbacks, progress, handle_signals, log, loc
     checkpointer = Checkpointer(run_dir, built.meta, keep_last=cfg.checkpoint.keep_last,
                                 every_steps=cfg.checkpoint.every_steps, resumed_from=start.checkpoint)
     cbs: list[Callback] = [ProgressBar(print_epochs=progress)] if progress else []
-    cbs += [MetricsWriter(run_dir), RollbackLog(run_dir), CurvePlotter(run_dir, title=cfg.model.name), checkpointer,
-            *(callbacks or [])]
+    cbs += [EMA(cfg.train.ema)] if cfg.train.ema > 0 else []
+    cbs += [MetricsWriter(run_dir), RollbackLog(run_dir), CurvePlotter(run_dir, title=cfg.model.name)]
+    if cfg.train.tensorboard:  # before the checkpointer: each checkpoint follows the points logged up to it
+        cbs.append(TensorBoard(run_dir / TENSORBOARD_DIR, cfg.train.tensorboard_every,
+                               hparams=hparams_of(cfg.to_dict()), classes=built.meta["data"]["classes"]))
+    cbs += [checkpointer, *(callbacks or [])]
     trainer = Trainer(built.model, cfg.train, built.train_loader, built.test_loader, cbs)
     if start.state is not None:
         try:
@@ -373,3 +382,32 @@ def summary_line(history: list[dict[str, float]], device: torch.device) -> str:
     test = f", test acc {last['test_acc']:.3f}" if "test_acc" in last else ""
     return (f"loss {last['train_loss']:.3f}, train acc {last['train_acc']:.3f}{test}\n"
             f"{examples / max(seconds, 1e-9):.1f} examples/sec on {device}")
+
+
+def result_lines(result: Result) -> tuple[list[str], list[str]]:
+    """What ``nin train`` prints when a run has ended: (lines for standard output, lines for standard error).
+
+    Images skipped as undecodable are a warning; a run stopped by a signal names the checkpoint and the command
+    that continues it; a finished one gives the seed's summary, any rollbacks and where the run was written.
+    """
+    out: list[str] = []
+    err: list[str] = []
+    if result.skipped:
+        names = ", ".join(f for f, _ in result.skipped[:5]) + (" ..." if len(result.skipped) > 5 else "")
+        err.append(f"nin: warning: skipped {len(result.skipped)} undecodable image(s): {names} "
+                   f"(listed in {result.run_dir / 'config.json'})")
+    t = result.trainer
+    if result.signals:
+        err.append(f"stopped by {signal.Signals(result.signals[0]).name} at step {t.step} (epoch {t.epoch + 1}, "
+                   f"batch {t.pos.batch}); checkpoint: {result.checkpoint}")
+        err.append(f"to continue: nin train --resume {result.run_dir}")
+    elif not result.history:
+        out.append(f"stopped before the end of the first epoch; checkpoint: {result.checkpoint}")
+    else:
+        out += summary_line(result.history, t.device).splitlines()
+        if t.rollbacks:
+            out.append(f"rolled back {len(t.rollbacks)} time(s) after a non-finite loss; the learning rate ended "
+                       f"x{t.lr_scale:g} (log: {result.run_dir / 'rollbacks.jsonl'})")
+        best = f", best: {result.best}" if result.best is not None and result.best != result.checkpoint else ""
+        out.append(f"run directory: {result.run_dir}  (checkpoint: {result.checkpoint}{best})")
+    return out, err
