@@ -1,0 +1,145 @@
+"""Render docs/accuracy.md from the accuracy records in benchmarks/results/.
+
+    python benchmarks/render_accuracy.py            # write docs/accuracy.md
+    python benchmarks/render_accuracy.py --check    # exit 1 if the file is not what the records give
+
+Each record is one ``nin bench --time-to-accuracy --record`` run (or a ``nin train`` run converted by
+``benchmarks/record_run.py``), naming its machine by ``nin doctor``'s fingerprint. Runs of the same command
+on the same machine kind that differ only in ``--seed`` form one row: test accuracy as mean ± std over the
+seeds (the sample standard deviation; a single seed shows no ±). Runs scored on held-out training images
+(``--holdout``) are the validation runs settings were chosen on; they get a table of their own and never
+appear as test accuracy. Parameters and MACs are counted from the model each row trained
+(:mod:`nin.analysis.profile`). Published figures are listed apart and marked as such: they were not run here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from nin.analysis.records import load_records  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "accuracy.md"
+
+#: Published Fashion-MNIST test accuracies, as their sources report them (not run here).
+PUBLISHED = (
+    ("VGG16", "about 26 M", "published benchmark of the data set (zalandoresearch/fashion-mnist README)", "93.5%"),
+    ("ResNet18", "11 M", "published benchmark of the data set (zalandoresearch/fashion-mnist README)", "94.9%"),
+    ("WRN-28-10 + random erasing", "36 M", "Zhong et al., Random Erasing Data Augmentation (arXiv:1708.04896)",
+     "96.35%"),
+)
+
+
+def _seedless(command: str) -> str:
+    """The command as a row shows it: without its --seed (the row spans seeds) or where it was recorded."""
+    return re.sub(r"\s--(seed|record)[ =]\S+", "", command)
+
+
+def _note(rec: dict[str, Any]) -> str:
+    source = rec.get("source") or ""
+    return " (transcribed)" if source.startswith("Transcribed") else " (converted run)" if source else ""
+
+
+def _model_costs(cfg: dict[str, Any], cache: dict) -> tuple[int, int]:
+    """(parameters, MACs per image) of the model a record's config trained."""
+    from nin.analysis.profile import profile_model
+    from nin.models import create_model
+
+    model_cfg = cfg.get("model", {})
+    key = (model_cfg.get("name"), tuple(sorted((model_cfg.get("options") or {}).items())))
+    if key not in cache:
+        options = dict(model_cfg.get("options") or {})
+        if cfg.get("data", {}).get("resize"):
+            options["input_size"] = (cfg["data"]["resize"],) * 2
+        prof = profile_model(create_model(key[0], **options), batch=1)
+        cache[key] = (prof.params, prof.macs)
+    return cache[key]
+
+
+def _fmt_count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return str(n)
+
+
+def _acc(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2%}"
+    return f"{statistics.mean(values):.2%} ± {statistics.stdev(values):.2%}"
+
+
+def rows(records: list[dict[str, Any]], holdout: bool) -> list[str]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for rec in records:
+        cfg = rec["result"].get("config", {})
+        if rec["what"] != "time-to-accuracy" or bool(cfg.get("data", {}).get("holdout")) != holdout:
+            continue
+        groups[(rec["machine"].get("kind", "unknown"), _seedless(rec["command"]))].append(rec)
+    cache: dict = {}
+    out = []
+    for (kind, command), recs in sorted(groups.items(), key=lambda kv: kv[1][0]["recorded"]):
+        cfg = recs[0]["result"]["config"]
+        params, macs = _model_costs(cfg, cache)
+        finals = [r["result"]["epochs"][-1]["test_acc"] for r in recs if r["result"].get("epochs")]
+        seconds = [r["result"]["seconds"] for r in recs]
+        epochs = recs[0]["result"]["epochs"][-1]["epoch"] if recs[0]["result"].get("epochs") else "-"
+        seeds = sorted(r["result"]["config"].get("seed", 0) for r in recs)
+        files = ", ".join(f"[{i + 1}](../benchmarks/results/{r['file']})" for i, r in enumerate(recs))
+        note = _note(recs[0])
+        out.append(f"| {cfg['model']['name']} | {params:,} | {_fmt_count(macs)} | `{command}`{note} | {epochs} | "
+                   f"{statistics.median(seconds):,.0f} s | {kind} | {_acc(finals) if finals else '-'} | "
+                   f"{', '.join(map(str, seeds))} | {files} |")
+    return out
+
+
+HEADER = ("| model | parameters | MACs / image | recipe (command) | epochs | wall time (median) | machine | "
+          "test accuracy | seeds | records |", "| --- | ---: | ---: | --- | ---: | ---: | --- | ---: | --- | --- |")
+
+
+def render(records: list[dict[str, Any]]) -> str:
+    lines = ["# Accuracy on Fashion-MNIST", "",
+             "Rendered by `python benchmarks/render_accuracy.py` from the records in `benchmarks/results/`; do not",
+             "edit by hand. Each row is one command run on one machine kind (`nin doctor`), once per seed; test",
+             "accuracy is on the real 10,000 test images after the last epoch, as mean ± sample std over the seeds.",
+             "Wall time is the whole command, interpreter start-up and data loading included (a converted",
+             "`nin train` run counts from the start of training).", "",
+             "## Runs", "", *HEADER, *rows(records, holdout=False), "",
+             "## Validation runs (settings chosen here)", "",
+             "Scored on 5,000 training images held out (`--holdout`), never on the test set.", "",
+             *HEADER, *rows(records, holdout=True), "",
+             "## Published figures (not run here)", "",
+             "| model | parameters | source | test accuracy |", "| --- | ---: | --- | ---: |",
+             *(f"| {m} | {p} | {s} | {a} |" for m, p, s, a in PUBLISHED), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if docs/accuracy.md differs from the records")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=DOC)
+    args = ap.parse_args(argv)
+    text = render(load_records(args.results))
+    if args.check:
+        if not args.out.exists() or args.out.read_text() != text:
+            print(f"{args.out} is not what the records give; run python benchmarks/render_accuracy.py",
+                  file=sys.stderr)
+            return 1
+        return 0
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
