@@ -1,0 +1,86 @@
+"""docs/accuracy.md is rendered from the records (benchmarks/render_accuracy.py), rows group seeds into
+mean ± std, validation runs never show as test accuracy, and a nin train run converts into a record."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import statistics
+from pathlib import Path
+
+import pytest
+
+from nin.analysis.records import load_records, make_record
+
+ROOT = Path(__file__).resolve().parent.parent
+MACHINE = {"kind": "cpu-test", "label": "a test machine"}
+
+
+@pytest.fixture(scope="module")
+def script():
+    return runpy.run_path(str(ROOT / "benchmarks" / "render_accuracy.py"), run_name="render")
+
+
+def record(command: str, accs: list[float], seed: int = 0, holdout: int | None = None, model: str = "nin28",
+           seconds: float = 10.0, file: str = "r.json") -> dict:
+    cfg = {"model": {"name": model, "options": {}}, "data": {"holdout": holdout}, "train": {"epochs": len(accs)},
+           "seed": seed}
+    epochs = [{"epoch": i + 1, "test_acc": a, "seconds": seconds * (i + 1) / len(accs)} for i, a in enumerate(accs)]
+    result = {"preset": "default", "targets": {}, "epochs": epochs, "seconds": seconds, "config": cfg}
+    return {**make_record(result, "time-to-accuracy", command, machine=MACHINE), "file": file}
+
+
+def test_accuracy_doc_is_what_the_committed_records_render(script):
+    text = script["render"](load_records(ROOT / "benchmarks" / "results"))
+    assert (ROOT / "docs" / "accuracy.md").read_text() == text, \
+        "docs/accuracy.md is out of date: run python benchmarks/render_accuracy.py"
+
+
+def test_seeds_of_one_command_are_one_row_with_mean_and_sample_std(script):
+    runs = [record(f"nin bench --time-to-accuracy --preset fast --seed {s} --record benchmarks/results",
+                   [0.9, acc], seed=s, seconds=t) for s, acc, t in ((0, 0.941, 100), (1, 0.943, 120), (2, 0.939, 90))]
+    rows = script["rows"](runs, holdout=False)
+    assert len(rows) == 1
+    mean, std = statistics.mean([0.941, 0.943, 0.939]), statistics.stdev([0.941, 0.943, 0.939])
+    assert f"{mean:.2%} ± {std:.2%}" in rows[0] and "| 0, 1, 2 |" in rows[0]
+    assert "`nin bench --time-to-accuracy --preset fast`" in rows[0]  # no seed, no record folder
+    assert "| 100 s |" in rows[0]  # the median time
+    assert "| 116,138 | 9.92 M |" not in rows[0] and "| 79,898 | 6.13 M |" in rows[0]  # nin28's own counts
+
+
+def test_validation_runs_are_kept_apart_from_test_accuracy(script):
+    test = record("nin bench --time-to-accuracy --epochs 2", [0.9, 0.91])
+    val = record("nin bench --time-to-accuracy --epochs 2 --holdout 5000", [0.88, 0.95], holdout=5000)
+    assert len(script["rows"]([test, val], holdout=False)) == 1
+    held = script["rows"]([test, val], holdout=True)
+    assert len(held) == 1 and "95.00%" in held[0]
+    text = script["render"]([test, val])
+    runs, validation = text.split("## Validation runs")
+    assert "95.00%" not in runs and "95.00%" in validation
+
+
+def test_the_chapters_runs_are_shown_epoch_by_epoch_beside_its_figures(script):
+    rec = record("nin train --preset d2l", [0.21, 0.42], model="nin_d2l")
+    text = script["render"]([rec])
+    assert "| 2 | - | - | 0.420 |" in text and "| the chapter, after 10 | 0.563 | 0.783 | 0.772 |" in text
+
+
+@pytest.mark.slow
+def test_a_finished_run_becomes_a_record_the_page_shows(tmp_path, tiny_run, script):
+    convert = runpy.run_path(str(ROOT / "benchmarks" / "record_run.py"), run_name="convert")
+    results = tmp_path / "results"
+    assert convert["main"]([str(tiny_run), "--command", "nin train --epochs 1", "--results", str(results)]) == 0
+    (rec,) = load_records(results)
+    metrics = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["test_acc"] for e in rec["result"]["epochs"]] == [m["test_acc"] for m in metrics]
+    assert rec["source"].startswith("Converted") and rec["machine"]["kind"]
+    (row,) = script["rows"]([rec], holdout=False)
+    assert "(converted run)" in row and f"{metrics[-1]['test_acc']:.2%}" in row
+
+
+def test_record_run_refuses_a_folder_that_is_not_a_finished_run(tmp_path, capsys):
+    convert = runpy.run_path(str(ROOT / "benchmarks" / "record_run.py"), run_name="convert")
+    assert convert["main"]([str(tmp_path), "--command", "x", "--results", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("record_run: ") and "not a finished run directory" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()
