@@ -49,9 +49,13 @@ def test_toml_and_yaml_give_the_same_config_layered_on_the_preset(tmp_path):
     assert a.model.name == "nin_d2l" and a.data.resize == 224 and a.train.momentum == d2l.train.momentum == 0.0
 
 
-def test_every_preset_survives_the_json_round_trip():
-    for name in ("default", "d2l", "nin-cifar10"):
+def test_every_preset_survives_the_json_round_trip_and_validates():
+    from nin.training.config import PRESETS
+
+    assert {"default", "d2l", "nin-cifar10", "fast", "best"} <= set(PRESETS)
+    for name in PRESETS:
         cfg = preset(name)
+        cfg.validate()
         assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 

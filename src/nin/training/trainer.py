@@ -164,6 +164,11 @@ class Trainer:
         return self.pos.step
 
     @property
+    def running(self) -> _Running | None:
+        """This epoch's sums while it runs (loss and correct counts on the device, examples seen); else None."""
+        return self._running
+
+    @property
     def total_steps(self) -> int:
         return self.config.epochs * len(self.train_loader)
 

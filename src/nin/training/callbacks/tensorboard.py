@@ -146,7 +146,7 @@ class TensorBoard(Callback):
         self._loss_sum += loss.detach().float()  # no host sync: the value stays on the device
         self._loss_steps += 1
         if self._clock is None:  # the first step since this epoch's training began (or went on)
-            running = getattr(trainer, "_running", None)
+            running = trainer.running
             self._clock, self._images = (running.t0 if running is not None else time.perf_counter()), 0
         loader = trainer.train_loader
         done = (trainer.pos.batch - 1) * loader.global_batch
@@ -216,7 +216,7 @@ class TensorBoard(Callback):
 
     def _log_step(self, trainer: Trainer) -> None:
         """One point of each step scalar: one read from the device for the loss and the running accuracy."""
-        running = getattr(trainer, "_running", None)  # the epoch's sums so far, on the device
+        running = trainer.running  # the epoch's sums so far, on the device
         values = [self._loss_sum / self._loss_steps]  # this call's step is in the window: never empty
         if running is not None and running.seen:
             values.append(running.correct / running.seen)
