@@ -117,3 +117,14 @@ def test_reliability_doc_names_only_tests_that_exist():
         assert name in names, f"docs/reliability.md names {file}::{name}, which does not exist"
     files = set(re.findall(r"`tests/(test_\w+\.py)`", doc))
     assert all((ROOT / "tests" / f).is_file() for f in files)
+
+
+def test_the_layout_section_names_every_module_and_no_missing_one():
+    layout = README.split("## Layout", 1)[1].split("```")[1]
+    src = ROOT / "src" / "nin"
+    modules = {p.name for p in src.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    named = set(re.findall(r"\b(\w+\.py)\b", layout)) - {"__init__.py"}
+    assert modules - named == set(), "modules missing from the README's Layout section"
+    assert named - modules == set(), "the README's Layout section names modules that do not exist"
+    folders = {p.relative_to(src).parts[0] for p in src.rglob("*.py") if len(p.relative_to(src).parts) > 1}
+    assert all(re.search(rf"^\s+{f}/", layout, re.M) for f in folders), folders
