@@ -120,7 +120,7 @@ def test_profile_compare_puts_models_side_by_side(capsys):
         (["train", "--lr", "abc"], ["--lr", "abc"]),
         (["train", "--epochs", "0"], ["--epochs"]),
         (["train", "--schedule", "linear"], ["--schedule"]),
-        (["train", "--preset", "fast"], ["unknown preset 'fast'"]),
+        (["train", "--preset", "turbo"], ["unknown preset 'turbo'"]),
         (["train", "--model", "resnet50"], ["unknown model 'resnet50'"]),
         (["train", "--momentum", "1.5"], ["momentum"]),
         (["train", "--dataset", "imagenet"], ["unknown dataset"]),

@@ -88,7 +88,7 @@ def test_another_model_in_the_file_drops_the_presets_options(tmp_path):
     ("type.toml", '[train]\nlr = "fast"\n', "train.lr must be float, got 'fast'"),
     ("int.toml", "[train]\nepochs = 2.5\n", "train.epochs must be int"),
     ("lit.toml", '[train]\nschedule = "linear"\n', "train.schedule must be one of"),
-    ("preset.toml", 'preset = "fast"\n', "unknown preset 'fast'"),
+    ("preset.toml", 'preset = "turbo"\n', "unknown preset 'turbo'"),
     ("config.ini", "[train]\n", "unknown config format"),
     ("missing.toml", None, "no such file or directory"),
 ])

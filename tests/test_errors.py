@@ -197,7 +197,7 @@ FLAGS = [
     (["bench", "--baseline", "--time-to-accuracy"], ["--baseline is for the speed benchmark"]),
     (["bench", "--targets", "0.5"], ["--targets is for --time-to-accuracy"]),
     (["bench", "--time-to-accuracy", "--targets", "0,2"], ["--targets must be accuracies in (0, 1]"]),
-    (["bench", "--time-to-accuracy", "--preset", "fast"], ["unknown preset 'fast'"]),
+    (["bench", "--time-to-accuracy", "--preset", "turbo"], ["unknown preset 'turbo'"]),
     ([], ["the following arguments are required: COMMAND"]),
 ]
 
@@ -251,7 +251,7 @@ CONFIGS = [
     ("bool.json", '{"train": {"epochs": true}}', ["train.epochs must be int, got True"]),
     ("null.json", '{"train": {"batch_size": null}}', ["train.batch_size must be int, got None"]),
     ("options.json", '{"model": {"options": [1]}}', ["model.options must be dict"]),
-    ("preset.toml", 'preset = "fast"\n', ["unknown preset 'fast'"]),
+    ("preset.toml", 'preset = "turbo"\n', ["unknown preset 'turbo'"]),
     ("config.ini", "[train]\n", ["unknown config format '.ini'"]),
     ("binary.json", b"\xff\xfe\x00", ["binary.json", "not UTF-8 text"]),
 ]
