@@ -257,9 +257,9 @@ PRESETS: dict[str, RunConfig] = {
             schedule="step", milestones=(0.5, 0.75), gamma=0.1, warmup=0.02, label_smoothing=0.0,
         ),
     ),
-    # The fastest recipe to 94% on a 2-core bf16 CPU (about 5 minutes, data loading included): the default recipe
-    # on the wider nin28_s for 12 epochs. Chosen on 5,000 held-out training images (benchmarks/accuracy.sh
-    # validate): 93.9% there; random crops (--crop-padding 2) cost a point at this length.
+    # Accuracy for a few minutes of a 2-core bf16 CPU: the default recipe on the wider nin28_s for 12 epochs, about
+    # 3.5 minutes with data loading (docs/accuracy.md). Chosen on 5,000 held-out training images: 93.9% there,
+    # against 92.4% for nin28 at 5 epochs; random crops (--crop-padding 2) cost a point at this length.
     "fast": RunConfig(model=ModelConfig("nin28_s"), train=TrainConfig(epochs=12)),
     # Accuracy per parameter, not per second: nin28_m (459,594 parameters) for 30 epochs with random crops, flips,
     # random erasing and an EMA of the weights (evaluated and deployed in their place). See docs/accuracy.md for
