@@ -220,3 +220,16 @@ def image_folder(root, classes: int = 3, per_class: int = 8, size: int = 12):
         (root / f"c{int(label)}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(img[0].numpy()).save(root / f"c{int(label)}" / f"{i:02d}.png")
     return root
+
+
+class NaNAt(torch.nn.Module):
+    """Wrap a model and make its output NaN on the ``at``-th call (1-based): a divergence at a known step."""
+
+    def __init__(self, model, at: int) -> None:
+        super().__init__()
+        self.model, self.at, self.calls = model, at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.model(x)
+        return out * float("nan") if self.calls == self.at else out

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_error_line, run_cli, synthetic_images
+from conftest import NaNAt, assert_one_error_line, run_cli, synthetic_images
 from safetensors.torch import load_file
 from torch import nn
 
@@ -153,19 +153,6 @@ def test_a_resumed_run_continues_the_stream_with_no_point_missing_or_twice(tmp_p
 
 
 # ------------------------------------------------------------ the trainer alone
-
-
-class NaNAt(nn.Module):
-    """A model whose output is NaN on its ``at``-th call."""
-
-    def __init__(self, model: nn.Module, at: int) -> None:
-        super().__init__()
-        self.model, self.at, self.calls = model, at, 0
-
-    def forward(self, x):
-        self.calls += 1
-        out = self.model(x)
-        return out * float("nan") if self.calls == self.at else out
 
 
 def tiny_trainer(callback: TensorBoard, model: nn.Module | None = None, **config) -> Trainer:

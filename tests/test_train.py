@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import synthetic_images
+from conftest import NaNAt, synthetic_images
 from torch import nn
 
 from nin.data.loader import Augment, DeviceLoader
@@ -140,19 +140,6 @@ def test_confusion_matrix_counts():
     labels = torch.tensor([0, 1, 2, 2, 2, 0])
     m = confusion_matrix(preds, labels, 3)
     assert m.tolist() == [[1, 0, 1], [0, 1, 0], [0, 1, 2]]
-
-
-class NaNAt(nn.Module):
-    """Wrap a model and make its output NaN on the ``at``-th call (1-based)."""
-
-    def __init__(self, model, at):
-        super().__init__()
-        self.model, self.at, self.calls = model, at, 0
-
-    def forward(self, x):
-        self.calls += 1
-        out = self.model(x)
-        return out * float("nan") if self.calls == self.at else out
 
 
 def test_non_finite_loss_stops_and_names_the_step():
