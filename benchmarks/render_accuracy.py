@@ -96,7 +96,8 @@ def rows(records: list[dict[str, Any]], holdout: bool) -> list[str]:
         seeds = sorted(r["result"]["config"].get("seed", 0) for r in recs)
         files = ", ".join(f"[{i + 1}](../benchmarks/results/{r['file']})" for i, r in enumerate(recs))
         note = _note(recs[0])
-        shared = "*" if any("shared the two cores" in (r.get("source") or "") for r in recs) else ""
+        shared = "*" if any("shared the two cores" in (r.get("source") or "") + (r.get("note") or "")
+                            for r in recs) else ""
         out.append(f"| {cfg['model']['name']} | {params:,} | {_fmt_count(macs)} | `{command}`{note} | {epochs} | "
                    f"{statistics.median(seconds):,.0f} s{shared} | {kind} | {_acc(finals) if finals else '-'} | "
                    f"{', '.join(map(str, seeds))} | {files} |")
@@ -131,6 +132,37 @@ def chapter_section(records: list[dict[str, Any]]) -> list[str]:
     return out or ["No run of the chapter's recipe is recorded yet.", ""]
 
 
+#: The recipe the ablation table changes one setting of, as its validation runs are recorded.
+ABLATION_BASE = "nin train --holdout 5000 --preset fast"
+
+
+def ablation_section(records: list[dict[str, Any]]) -> list[str]:
+    """The fast preset on held-out images with one setting changed at a time, beside the preset itself run on the
+    same machine kind: what each technique gives at that length (``bash benchmarks/accuracy.sh ablate``)."""
+    by_kind: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for rec in records:
+        command = _seedless(rec["command"]).strip()
+        if rec["what"] == "time-to-accuracy" and (command == ABLATION_BASE or command.startswith(ABLATION_BASE + " ")):
+            by_kind[rec["machine"].get("kind", "unknown")][command[len(ABLATION_BASE):].strip()].append(rec)
+    out = []
+    for kind, changes in sorted(by_kind.items()):
+        if "" not in changes:
+            continue  # no baseline on this machine kind to compare with
+        base = statistics.mean(r["result"]["epochs"][-1]["test_acc"] for r in changes[""])
+        out += [f"On {kind} (`{ABLATION_BASE}` plus the change):", "",
+                "| change | epochs | holdout accuracy | against the preset | records |",
+                "| --- | ---: | ---: | ---: | --- |"]
+        for change, recs in sorted(changes.items(), key=lambda kv: (kv[0] != "", kv[1][0]["recorded"])):
+            finals = [r["result"]["epochs"][-1]["test_acc"] for r in recs]
+            delta = 100 * (statistics.mean(finals) - base)
+            files = ", ".join(f"[{i + 1}](../benchmarks/results/{r['file']})" for i, r in enumerate(recs))
+            shown = f"`{change}`" if change else "none (the preset)"
+            out.append(f"| {shown} | {recs[0]['result']['epochs'][-1]['epoch']} | {_acc(finals)} | "
+                       f"{f'{delta:+.2f} points' if change else '-'} | {files} |")
+        out.append("")
+    return out or ["No ablation run is recorded yet.", ""]
+
+
 HEADER = ("| model | parameters | MACs / image | recipe (command) | epochs | wall time (median) | machine | "
           "test accuracy | seeds | records |", "| --- | ---: | ---: | --- | ---: | ---: | --- | ---: | --- | --- |")
 
@@ -143,6 +175,8 @@ def render(records: list[dict[str, Any]]) -> str:
              "Wall time is the whole command, interpreter start-up and data loading included (a converted",
              "`nin train` run counts from the start of training).", "",
              "## Runs", "", *HEADER, *rows(records, holdout=False), "",
+             "\\* other jobs shared the cores during the run: the time is not the machine's speed (the record's note "
+             "says more).", "",
              "## The chapter's recipe (`--preset d2l`), epoch by epoch", "",
              "Its own printout after 10 epochs is `loss 0.563, train acc 0.783, test acc 0.772` (on a GPU);",
              "a reader's note in the chapter's notes says lr 0.1 blows up in later epochs and lr 0.04 over 20 epochs",
@@ -151,6 +185,9 @@ def render(records: list[dict[str, Any]]) -> str:
              "Scored on 5,000 training images held out (`--holdout`), never on the test set.", "",
              HEADER[0].replace("test accuracy", "holdout accuracy"), HEADER[1], *rows(records, holdout=True), "",
              "\\* trained while other jobs shared the cores: the time is not the machine's speed.", "",
+             "## What each setting gives (ablation)", "",
+             "The fast preset with one setting changed at a time, scored on the same held-out images.", "",
+             *ablation_section(records),
              "## Published figures (not run here)", "",
              "| model | parameters | source | test accuracy |", "| --- | ---: | --- | ---: |",
              *(f"| {m} | {p} | {s} | {a} |" for m, p, s, a in PUBLISHED), ""]
