@@ -177,6 +177,10 @@ def render(records: list[dict[str, Any]]) -> str:
              "## Runs", "", *HEADER, *rows(records, holdout=False), "",
              "\\* other jobs shared the cores during the run: the time is not the machine's speed (the record's note "
              "says more).", "",
+             "`lenet` is d2l's LeNet-5 (sigmoid, average pooling), once with the chapter series' own recipe (lr 0.9,",
+             "batch 256, 10 epochs, inputs not normalized) and once with `nin train`'s default recipe. d2l's AlexNet and",
+             "VGG-11 baselines (`alexnet`, `vgg11`: 46.8 M and 128.8 M parameters at 224x224) have not been trained here:",
+             "they need a GPU (`nin profile alexnet` counts what a step costs).", "",
              "## The chapter's recipe (`--preset d2l`), epoch by epoch", "",
              "Its own printout after 10 epochs is `loss 0.563, train acc 0.783, test acc 0.772` (on a GPU);",
              "a reader's note in the chapter's notes says lr 0.1 blows up in later epochs and lr 0.04 over 20 epochs",
