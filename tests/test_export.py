@@ -89,3 +89,54 @@ def test_bad_export_arguments_are_one_line(run_dir, capsys, argv, needle):
     assert main([str(run_dir) if a == "RUN" else a for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err
+
+
+@pytest.mark.slow
+def test_the_sidecar_carries_the_model_card(run_dir, tmp_path, capsys):
+    """What nin serve answers GET /v1/model with for an exported file: the run's card, read from the run."""
+    out = tmp_path / "model.pt"
+    assert main(["export", str(run_dir), "--format", "torchscript", "--out", str(out)]) == 0
+    meta = json.loads((tmp_path / "model.pt.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    date = json.loads((run_dir / "config.json").read_text())["env"]["date"][:10]
+    assert (meta["dataset"], meta["parameters"], meta["test_accuracy"], meta["trained"]) == (
+        "fashion-mnist", 79_898, rows[-1]["test_acc"], date)
+    assert meta["input"]["stored_size"] == [28, 28] and meta["input"]["shape"] == ["batch", 1, 28, 28]
+    assert meta["cam"] is False and meta["class_maps"] is None  # one output unless --cam
+    assert "class maps" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_onnx_export_with_cam_adds_the_class_maps_as_a_second_output(run_dir, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    from nin.inference.cam import class_maps
+
+    out = tmp_path / "cam.onnx"
+    assert main(["export", str(run_dir), "--out", str(out), "--cam"]) == 0
+    assert "and class maps [N, 10, h, w]" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "cam.onnx.json").read_text())
+    assert meta["cam"] is True and meta["class_maps"] == {"name": "class_maps", "shape": ["batch", 10, 7, 7]}
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits", "class_maps"]
+    t = load_trained(run_dir, "cpu")
+    x = sample_inputs(t, 3)
+    logits, maps = (torch.from_numpy(y) for y in session.run(None, {"images": x.numpy()}))
+    mean, std = torch.tensor(t.mean).view(1, -1, 1, 1), torch.tensor(t.std).view(1, -1, 1, 1)
+    want_logits, want_maps = class_maps(t.model, (x - mean) / std)
+    torch.testing.assert_close(maps, want_maps, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(maps.mean((2, 3)), logits, atol=1e-5, rtol=0)  # each map's mean is its logit
+
+
+def test_cam_export_of_a_model_without_class_maps_is_refused_before_writing(run_dir, tmp_path):
+    from dataclasses import replace
+
+    from nin.errors import NinError
+    from nin.inference.export import export
+    from nin.models import create_model
+
+    t = load_trained(run_dir, "cpu")
+    fc = replace(t, model=create_model(t.name, head="fc").eval())
+    with pytest.raises(NinError, match="fully connected head"):
+        export(fc, "torchscript", tmp_path / "m.pt", torch.zeros(2, 1, 28, 28), cam=True)
+    assert list(tmp_path.iterdir()) == []

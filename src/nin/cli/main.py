@@ -1,5 +1,5 @@
 """The ``nin`` command: models, datasets, shapes, profile, train, study, tune, evaluate, predict, cam, export,
-bench, doctor.
+bench, doctor, serve.
 
 User errors (bad flags, missing or corrupt files) print one line,
 ``nin: error: ...``, and exit with status 2; nothing prints a traceback for them.
@@ -7,6 +7,9 @@ A failure of the operating system that no command anticipated (a full disk, a
 read-only file system) or running out of memory is one such line too, with
 status 1. A command that fails leaves no half-written output behind, and no new
 folder that holds nothing worth keeping.
+
+Each group of commands (:mod:`nin.cli.commands`) is imported when it is needed, so a command imports only what
+it uses: ``nin serve FILE.onnx`` builds its parser alone and imports no torch.
 """
 
 from __future__ import annotations
@@ -14,24 +17,33 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import importlib
 import os
 import re
 import sys
 from collections.abc import Sequence
 
-from nin.cli.commands import analysis, inference, models, training
 from nin.cli.options import EXIT_FAILURE, EXIT_USAGE, _Parser
 from nin.errors import NinError
 
+GROUPS = ("models", "training", "inference", "analysis", "serve")  # in the order `nin --help` lists them
+ALONE = {"serve": "serve"}  # commands whose parser is built alone when named first (no torch), and their group
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(groups: tuple[str, ...] = GROUPS) -> argparse.ArgumentParser:
     parser = _Parser(prog="nin", description="Network-in-Network image classifiers.")
     parser.add_argument("--version", action="version", version=f"nin {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for group in (models, training, inference, analysis):  # in the order `nin --help` lists them
-        group.add_parsers(sub)
+    for group in groups:
+        importlib.import_module(f"nin.cli.commands.{group}").add_parsers(sub)
     return parser
+
+
+def _groups(argv: Sequence[str] | None) -> tuple[str, ...]:
+    """The command groups whose parsers ``argv`` needs: one, for a command of :data:`ALONE`; else all."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    return (ALONE[words[0]],) if words and words[0] in ALONE else GROUPS
 
 
 def _version() -> str:
@@ -43,17 +55,28 @@ def _version() -> str:
         return "unknown"
 
 
-COMMANDS = {"models": models.cmd_models, "datasets": models.cmd_datasets, "shapes": models.cmd_shapes,
-            "profile": models.cmd_profile, "train": training.cmd_train, "study": training.cmd_study,
-            "tune": training.cmd_tune, "evaluate": inference.cmd_evaluate, "predict": inference.cmd_predict,
-            "cam": inference.cmd_cam, "export": inference.cmd_export, "bench": analysis.cmd_bench,
-            "doctor": analysis.cmd_doctor}
+def _handler(group: str, name: str):
+    """Handler ``name`` of command group ``group``, imported when the command runs."""
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(f"nin.cli.commands.{group}"), name)(args)
+
+    run.__name__ = name
+    return run
+
+
+COMMANDS = {command: _handler(group, f"cmd_{command}") for group, commands in (
+    ("models", ("models", "datasets", "shapes", "profile")), ("training", ("train", "study", "tune")),
+    ("inference", ("evaluate", "predict", "cam", "export")), ("analysis", ("bench", "doctor")),
+    ("serve", ("serve",))) for command in commands}
 
 
 def _reports(e: NinError) -> bool:
     """Whether this process prints ``e``: under torchrun every process raises the same error and only the
     main one prints it, unless the error is this process's own (``ProcessError``)."""
-    from nin.training.distributed import ProcessError, from_environment
+    try:
+        from nin.training.distributed import ProcessError, from_environment
+    except ImportError:  # no torch (nin serve FILE.onnx without it): no torchrun either
+        return True
 
     try:
         return isinstance(e, ProcessError) or from_environment().is_main
@@ -130,11 +153,12 @@ def _named_stdout():
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _named_stdout():
-            args = build_parser().parse_args(argv)
-            from nin.training.distributed import from_environment
+            args = build_parser(_groups(argv)).parse_args(argv)
+            if args.command not in ALONE:  # (those import no torch, and torchrun runs nothing without it)
+                from nin.training.distributed import from_environment
 
-            if from_environment().distributed and args.command != "train":
-                raise NinError(f"nin {args.command} runs in one process; only nin train runs under torchrun")
+                if from_environment().distributed and args.command != "train":
+                    raise NinError(f"nin {args.command} runs in one process; only nin train runs under torchrun")
             code = COMMANDS[args.command](args)
             sys.stdout.flush()  # a full disk behind stdout shows here, not at interpreter exit
         return code

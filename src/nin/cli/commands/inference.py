@@ -54,6 +54,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--tolerance", type=flag_type(Range(0, 1, lo_open=True)), default=1e-4,
                    help="largest allowed logit difference (default 1e-4)")
     p.add_argument("--data-dir", type=_path, help="directory holding the data files (for the verification images)")
+    p.add_argument("--cam", action=argparse.BooleanOptionalAction, default=False,
+                   help="a second output, class_maps [N, classes, h, w], so that nin serve can draw class "
+                        "activation maps from the file (a NiN with a global-average-pooling head; default: off)")
 
     p = sub.add_parser("evaluate", help="test accuracy, per-class accuracy and a confusion matrix")
     _add_checkpoint(p)
@@ -146,9 +149,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else t.path.parent.parent / f"{t.name}-{t.path.name}{FORMATS[args.format]}"
     if args.data_dir:
         t.config.data.data_dir = args.data_dir
-    result = export(t, args.format, out, sample_inputs(t), args.tolerance, force=args.force)
+    result = export(t, args.format, out, sample_inputs(t), args.tolerance, force=args.force, cam=args.cam)
+    maps = f" and class maps [N, {len(t.classes)}, h, w]" if args.cam else ""
     print(f"wrote {result.path} ({args.format}, input images [N, {', '.join(map(str, t.model.input_size))}] "
-          f"scaled 0-1, output logits [N, {len(t.classes)}])")
+          f"scaled 0-1, output logits [N, {len(t.classes)}]{maps})")
     print(f"verified: max |logit difference| {result.max_abs_diff:.2e} against PyTorch on real test images at batch "
           f"sizes {' and '.join(map(str, result.batch_sizes))} (tolerance {args.tolerance:g})")
     return 0
