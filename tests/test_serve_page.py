@@ -3,9 +3,9 @@
 
 Skipped when Playwright, httpx or /usr/bin/chromium is missing (``bash scripts/install.sh --test`` installs them);
 in CI (``CI`` set) their absence is a failure. ``NIN_SCREENSHOT=docs/serve.png`` makes the upload test save a
-full-page screenshot there (the README's picture):
+full-page screenshot there (the README's picture), and ``NIN_SERVE_RUN=RUN`` shows that run instead of the tiny one:
 
-    NIN_SCREENSHOT=docs/serve.png python3 -m pytest tests/test_serve_page.py -k upload
+    NIN_SCREENSHOT=docs/serve.png NIN_SERVE_RUN=runs/demo python3 -m pytest tests/test_serve_page.py -k upload
 """
 
 from __future__ import annotations
@@ -102,8 +102,16 @@ def serving(run: Path, *flags: str):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_run):
-    with serving(tiny_run) as url:
+def served(request) -> Path:
+    """The run the page is shown: the session's tiny run, or ``NIN_SERVE_RUN`` (a better-trained run, for the
+    README's picture)."""
+    chosen = os.environ.get("NIN_SERVE_RUN")
+    return Path(chosen) if chosen else request.getfixturevalue("tiny_run")
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    with serving(served) as url:
         yield url
 
 
@@ -165,7 +173,7 @@ def top_bar(page):
 
 
 @pytest.fixture(scope="module")
-def sure_images(tiny_run, tmp_path_factory) -> list[tuple[Path, str, float]]:
+def sure_images(served, tmp_path_factory) -> list[tuple[Path, str, float]]:
     """Up to three Fashion-MNIST test images (PNG files), of different classes where it can, that the tiny model
     classifies right with a clear lead over its second guess, each with its class and the probability
     ``nin predict`` gives it; the surest first."""
@@ -181,7 +189,7 @@ def sure_images(tiny_run, tmp_path_factory) -> list[tuple[Path, str, float]]:
     for i in range(256):
         paths.append(folder / f"test-{i:03d}.png")
         Image.fromarray(x[i][0].numpy()).save(paths[-1])
-    trained = load_trained(tiny_run, "cpu")
+    trained = load_trained(served, "cpu")
     preds, bad = predict_files(trained, paths, top_k=2)
     assert not bad and len(preds) == len(paths)
     right = sorted(((Path(p.file), p.top[0][0], p.top[0][1]) for p, label in zip(preds, y[: len(paths)].tolist())
@@ -330,12 +338,12 @@ def test_a_network_failure_is_shown(server, card, page, sure_images):
     expect(page.locator("#bars .bar")).to_have_count(0)
 
 
-def test_the_api_key_is_asked_for_and_then_used(tiny_run, page, sure_images):
+def test_the_api_key_is_asked_for_and_then_used(served, page, sure_images):
     import httpx
     from playwright.sync_api import expect
 
     path, name, _ = sure_images[0]
-    with serving(tiny_run, "--api-key", KEY) as url:
+    with serving(served, "--api-key", KEY) as url:
         r = httpx.get(url + "v1/model", timeout=30)
         assert r.status_code == 401, r.text
         reason = r.json()["error"]
