@@ -155,6 +155,38 @@ def _default_recipe(rec: dict[str, Any]) -> bool:
         and not (cfg.get("data") or {}).get("holdout") and not rec.get("source", "").startswith("Converted")
 
 
+def _serving(records: list[dict[str, Any]]) -> list[str]:
+    """The latest ``nin serve`` load benchmark and soak test (benchmarks/serve_load.py, serve_soak.py)."""
+    load = [r for r in records if r["what"] == "serve-load"]
+    soak = [r for r in records if r["what"] == "serve-soak"]
+    if not load and not soak:
+        return []
+    out = ["### Serving: `nin serve`", ""]
+    if load:
+        rec = load[-1]
+        r = rec["result"]
+        out += [f"POST /v1/predict, one real test image as a PNG body per request, from 1 to {max(r['clients'])} "
+                f"keep-alive clients in a process of their own on the same CPUs; {r['requests']:,} requests per "
+                f"point (at most {r['seconds']:g} s); model `{r['model']}`.", "",
+                "| runtime | batching | clients | requests/s | p50 | p99 | errors | peak RSS (MiB) | images per pass |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for row in r["rows"]:
+            out.append(f"| {row['runtime']} | {'on' if row['batching'] else 'off'} | {row['clients']} | "
+                       f"{_num(row['requests_s'])} | {_num(row['p50_ms'])} ms | {_num(row['p99_ms'])} ms | "
+                       f"{row['errors']} | {_num(row['peak_rss_mib'], 0)} | {_num(row['mean_batch'])} |")
+        ratios = ", ".join(f"{k} **{v:.2f}x**" for k, v in r["ratios"].items() if v is not None)
+        out += ["", f"Batching over `--no-batching` at {max(r['clients'])} clients, requests/s: {ratios}.", "",
+                _source(rec), ""]
+    if soak:
+        rec = soak[-1]
+        r = rec["result"]
+        verdict = "**passed**" if r["passed"] else f"**failed** ({r['failures'][0]})"
+        out += [f"Soak: {r['requests']:,} mixed requests (good, malformed, oversized, wrong type, decompression "
+                f"bombs) from {r['clients']} clients: {verdict}; RSS +{r['rss_growth_mib']:.1f} MiB after a "
+                f"{r['warmup']}-request warm-up (bound {r['rss_bound_mib']:g} MiB). {_source(rec)}", ""]
+    return out
+
+
 def _section(kind: str, records: list[dict[str, Any]]) -> list[str]:
     label = records[-1]["machine"].get("label", kind)
     speed = [r for r in records if r["what"] == "speed"]
@@ -170,6 +202,7 @@ def _section(kind: str, records: list[dict[str, Any]]) -> list[str]:
     if tta:
         out += _tta(list(tta.values()))
     out += _stress(kind)
+    out += _serving(records)
     return out
 
 

@@ -225,6 +225,51 @@ def test_concurrent_requests_share_forward_passes(backend, files):
         assert_same_top(top_of(a.json()["predictions"][0]), top_of(b.json()["predictions"][0]))
 
 
+def test_a_lone_request_does_not_wait_for_others_that_are_not_coming(backend, files):
+    """The batcher waits up to --max-delay-ms only for requests on their way (being read or decoded): a request
+    with none behind it runs at once, so batching costs a lone client nothing."""
+    counting = Counting(backend)
+
+    async def go():
+        async with serving(counting, max_delay_ms=5000) as (_, client):
+            start = time.perf_counter()
+            r = await client.post("/v1/predict", content=files[0].read_bytes(), headers=PNG)
+            return r, time.perf_counter() - start
+
+    r, seconds = run(go())
+    assert r.status_code == 200 and counting.calls == [1]
+    assert seconds < 2.5, f"a lone request waited {seconds:.2f} s for a batch (--max-delay-ms 5000)"
+
+
+def test_a_client_that_leaves_mid_body_is_a_4xx_not_a_fault(backend):
+    """A client that disconnects before its body ends is the client's doing: a 400, and no 500 in the metrics."""
+    async def go():
+        app = create_app(backend, ServeConfig())
+        sent = []
+        messages = iter([{"type": "http.request", "body": b"\x89PNG", "more_body": True}, {"type": "http.disconnect"}])
+
+        async def receive():
+            return next(messages, {"type": "http.disconnect"})
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/predict", "raw_path": b"/v1/predict", "query_string": b"",
+                 "root_path": "", "headers": [(b"content-type", b"image/png"), (b"content-length", b"1000")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000)}
+        async with app.router.lifespan_context(app):
+            await app(scope, receive, send)
+        return sent, app.state.metrics.text()[0].decode()
+
+    sent, metrics = run(go())
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 400
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert "closed the connection" in json.loads(body)["error"]
+    assert 'status="500"' not in metrics and 'route="/v1/predict",status="400"' in metrics
+
+
 def test_a_full_queue_is_503_with_retry_after_and_the_queued_requests_are_answered(backend, files):
     gate = threading.Event()
     held = Counting(backend, gate)
@@ -484,26 +529,47 @@ def server(*argv, prelude: str = "", stderr=None):
 
 @pytest.mark.slow
 def test_a_real_server_predicts_and_finishes_a_request_in_flight_on_sigterm(tiny_run, backend, files):
+    """SIGTERM arrives while a request's body is half sent: the server stops listening but answers that
+    request once the rest arrives (200, the right classes), then exits 0."""
+    import socket
+    from urllib.parse import urlsplit
+
     body = files[1].read_bytes()
-    with server(tiny_run, "--max-delay-ms", "3000") as (proc, url):
-        with httpx.Client(base_url=url, timeout=60) as client:
-            answers = []
-            request = threading.Thread(target=lambda: answers.append(
-                client.post("/v1/predict", content=body, headers=PNG)))
-            request.start()
-            with httpx.Client(base_url=url, timeout=30) as probe:  # the request waits for others to batch with
-                for _ in range(600):
-                    if "nin_queue_images 1.0" in probe.get("/metrics").text:
+    with server(tiny_run) as (proc, url):
+        with httpx.Client(base_url=url, timeout=30) as probe:
+            assert probe.post("/v1/predict", content=body, headers=PNG).status_code == 200  # it predicts
+            where = urlsplit(url)
+            with socket.create_connection((where.hostname, where.port), timeout=60) as sock:
+                head = (f"POST /v1/predict HTTP/1.1\r\nHost: {where.netloc}\r\nContent-Type: image/png\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n").encode()
+                sock.sendall(head + body[:10])
+                for _ in range(600):  # the server is reading it
+                    if "nin_requests_incoming 1.0" in probe.get("/metrics").text:
                         break
                     time.sleep(0.01)
                 else:
-                    pytest.fail("the request never reached the queue")
-            proc.send_signal(signal.SIGTERM)
-            request.join(60)
+                    pytest.fail("the server never started reading the request")
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.5)
+                sock.sendall(body[10:])
+                answer = b""
+                while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _length(answer):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    answer += chunk
         assert proc.wait(60) == 0
-    assert answers and answers[0].status_code == 200
+    status, _, rest = answer.partition(b"\r\n")
+    assert status.startswith(b"HTTP/1.1 200"), answer[:200]
+    got = json.loads(rest.partition(b"\r\n\r\n")[2])
     expected = run(_predict_in_process(backend, body))
-    assert_same_top(top_of(answers[0].json()["predictions"][0]), expected)
+    assert_same_top(top_of(got["predictions"][0]), expected)
+
+
+def _length(response: bytes) -> int:
+    """The Content-Length of an HTTP response's head (0 until it has one)."""
+    found = re.search(rb"(?im)^content-length:\s*(\d+)", response.partition(b"\r\n\r\n")[0])
+    return int(found.group(1)) if found else 0
 
 
 async def _predict_in_process(backend, body):

@@ -1,7 +1,9 @@
 """Benchmark records: one JSON file per ``nin bench --record DIR`` run, naming the machine it ran on.
 
 A record holds what ``nin bench --json`` prints (the settings, every measured case or the
-time-to-accuracy epochs) together with the command, the time, and the machine's
+time-to-accuracy epochs), or for the kinds ``serve-load`` and ``serve-soak`` what
+``benchmarks/serve_load.py`` and ``benchmarks/serve_soak.py`` measured of ``nin serve``,
+together with the command, the time, and the machine's
 :func:`nin.analysis.doctor.fingerprint` (its kind, CPU model and features, GPUs, torch and
 oneDNN versions). Figures in ``docs/performance.md`` are rendered from the records
 in ``benchmarks/results/`` by ``benchmarks/render_performance.py``, one table per
@@ -24,7 +26,7 @@ from nin.errors import NinError
 
 FORMAT = "nin-bench-record"
 VERSION = 1
-WHAT = ("speed", "time-to-accuracy")
+WHAT = ("speed", "time-to-accuracy", "serve-load", "serve-soak")  # serve-*: benchmarks/serve_load.py, serve_soak.py
 
 
 def make_record(result: dict[str, Any], what: str, command: str, *, machine: dict[str, Any] | None = None,
@@ -50,6 +52,8 @@ def make_record(result: dict[str, Any], what: str, command: str, *, machine: dic
 
 def _subject(rec: dict[str, Any]) -> str:
     result = rec["result"]
+    if rec["what"].startswith("serve-"):
+        return str(result.get("model", "model"))
     if rec["what"] == "speed":
         cases = result.get("cases", [])
         return f"{result.get('model', 'model')}{'-ablate' if len(cases) > 2 else ''}"

@@ -34,6 +34,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from nin.serve.batcher import Batcher, Draining, QueueFull
 from nin.serve.images import BadImage, cam_png, decode_request_image, unit_range
@@ -46,6 +47,9 @@ _BINARY = {"type": "string", "format": "binary"}
 IMAGE_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "additionalProperties": _BINARY}},
     "image/*": {"schema": _BINARY}, "application/octet-stream": {"schema": _BINARY}}}}
+PREDICT_EXAMPLE = {"model": "nin28", "version": "986c68d26ddd", "predictions": [
+    {"file": "shoe.png", "top": [{"class": "Ankle boot", "probability": 0.981},
+                                 {"class": "Sneaker", "probability": 0.012}]}]}
 log = logging.getLogger("nin.serve")
 
 
@@ -74,7 +78,7 @@ def create_app(backend, config, metrics: Metrics | None = None) -> FastAPI:
     app.state.backend, app.state.batcher, app.state.metrics, app.state.config = backend, batcher, metrics, config
     _add_error_handlers(app)
 
-    def authorized(request: Request) -> None:
+    async def authorized(request: Request) -> None:  # (async: no hop to a worker thread per request)
         if config.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -85,17 +89,21 @@ def create_app(backend, config, metrics: Metrics | None = None) -> FastAPI:
     guarded = [Depends(authorized)]
     top_k_query = Query(None, ge=1, le=MAX_TOP_K, description=f"classes per image (default {config.top_k})")
 
-    @app.post("/v1/predict", dependencies=guarded, openapi_extra=IMAGE_BODY)
-    async def predict(request: Request, top_k: int | None = top_k_query) -> dict:
+    @app.post("/v1/predict", dependencies=guarded, openapi_extra=IMAGE_BODY, response_class=JSONResponse,
+              responses={200: {"content": {"application/json": {"example": PREDICT_EXAMPLE}}}})
+    async def predict(request: Request, top_k: int | None = top_k_query) -> JSONResponse:
         """The top-k classes of each image, most likely first."""
         async def answer():
-            names, images = await _images(request, backend, config)
+            with batcher.incoming():
+                names, images = await _images(request, backend, config)
             probs, _ = await _submit(batcher, images, maps=False)
             return [{"file": name, "top": _top(p, backend.classes, top_k or config.top_k)}
                     for name, p in zip(names, probs)]
 
         predictions = await _within(answer(), config)
-        return {"model": backend.card["name"], "version": backend.card["version"], "predictions": predictions}
+        # a JSONResponse as it is: FastAPI would otherwise walk the answer through jsonable_encoder first
+        return JSONResponse({"model": backend.card["name"], "version": backend.card["version"],
+                             "predictions": predictions})
 
     @app.post("/v1/cam", dependencies=guarded, openapi_extra=IMAGE_BODY,
               responses={200: {"content": {"image/png": {}}}, 409: {"description": "no class maps"}})
@@ -107,7 +115,8 @@ def create_app(backend, config, metrics: Metrics | None = None) -> FastAPI:
                              "file exported without --cam)")
 
         async def answer():
-            names, images = await _images(request, backend, config, one=True)
+            with batcher.incoming():
+                names, images = await _images(request, backend, config, one=True)
             probs, maps = await _submit(batcher, images, maps=True)
             top = _top(probs[0], backend.classes, top_k)
             index = {c: i for i, c in enumerate(backend.classes)}
@@ -226,6 +235,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def bad_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
         reasons = [f"{e['loc'][-1]}: {e['msg']}" if e.get("loc") else e.get("msg", "") for e in exc.errors()]
         return JSONResponse({"error": _one_line("; ".join(reasons) or "bad request")}, 400)
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, exc: ClientDisconnect) -> JSONResponse:  # the client's doing, not a fault
+        return JSONResponse({"error": "the client closed the connection before the whole body arrived"}, 400)
 
     @app.exception_handler(Exception)
     async def fault(request: Request, exc: Exception) -> JSONResponse:  # a fault of ours: logged, one line out

@@ -43,6 +43,16 @@ def load_backend(path: str | os.PathLike, config):
     return TorchBackend(path, config)
 
 
+def serving_threads() -> int:
+    """Threads for the forward pass when ``--threads`` is not given: the CPUs this process may use, less one for
+    the event loop that reads, decodes and answers requests meanwhile (at least one)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus - 1)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -77,8 +87,7 @@ class TorchBackend:
         from nin.inference.cam import check_cam_model
         from nin.inference.trained import load_trained
 
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        torch.set_num_threads(config.threads or serving_threads())
         self.trained = load_trained(path, config.device)
         self.card: dict[str, Any] = {**model_card(self.trained), "runtime": self.runtime}
         self.classes = list(self.trained.classes)
@@ -89,6 +98,10 @@ class TorchBackend:
         except NinError:
             self.cam = False
         self.path = self.trained.path
+        # the run's input pipeline (nin predict's: resize, normalize or whiten), built once; each batch goes
+        # through its transform
+        self.device = next(self.trained.model.parameters()).device
+        self.pipeline = self.trained.loader(torch.zeros(1, self.channels, *self.stored_size, dtype=torch.uint8))
 
     def infer(self, images: np.ndarray, maps: bool) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
@@ -97,7 +110,7 @@ class TorchBackend:
 
         model = self.trained.model
         with torch.inference_mode():
-            (x, _), = self.trained.loader(torch.from_numpy(images), batch_size=len(images))  # one batch
+            x = self.pipeline.transform(torch.from_numpy(images).to(self.device))
             logits, m = class_maps(model, x) if maps else (model(x), None)
             probs = logits.float().softmax(1).cpu().numpy()
         return probs, (m.float().cpu().numpy() if m is not None else None)
@@ -117,8 +130,10 @@ class OnnxBackend:
         data = read_regular(path, MAX_ONNX_BYTES, error=NinError)  # a regular file only: never a FIFO
         meta = _sidecar(path)
         options = ort.SessionOptions()
-        if config.threads:
-            options.intra_op_num_threads = config.threads
+        options.intra_op_num_threads = config.threads or serving_threads()
+        # its threads would otherwise spin between runs, taking the CPU the event loop needs (several ms of CPU
+        # per forward pass at one request every few ms)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(data, options, providers=_providers(ort, config.device))
         except Exception as e:  # noqa: BLE001  onnxruntime's own exception types (InvalidProtobuf, Fail, ...)

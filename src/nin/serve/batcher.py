@@ -6,6 +6,11 @@ oldest waiting request, then keeps gathering the requests behind it until it hol
 single worker thread (``run_in_executor``), so the event loop keeps accepting and decoding requests while the
 model computes. The probabilities (and class maps) are split back to each request in order.
 
+It waits only for requests on their way: a request counts as one from the moment the server starts reading
+its body until it is submitted or refused (:meth:`Batcher.incoming`). With none on their way there is
+nothing to wait for, so a lone request runs at once and batching costs it no latency; under load, the
+requests that arrive while a forward pass runs are waiting when it ends, and form the next batch.
+
 With ``batching=False`` each request is its own forward pass, one at a time. A request larger than
 ``max_batch`` (``--max-images`` above ``--max-batch``) runs alone, in passes of ``max_batch`` images.
 
@@ -19,6 +24,7 @@ what SIGTERM does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -54,6 +60,7 @@ class Batcher:
         self.metrics = metrics
         self._queue: deque[_Job] = deque()
         self._waiting = 0  # images in the queue
+        self._incoming = 0  # requests being read or decoded: on their way to submit()
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -68,6 +75,22 @@ class Batcher:
     def waiting(self) -> int:
         """Images waiting for a forward pass."""
         return self._waiting
+
+    @contextlib.contextmanager
+    def incoming(self):
+        """Around reading and decoding a request: the worker may wait (up to ``max_delay_ms``) for it to join
+        the next forward pass, and only for such requests."""
+        self._incoming += 1
+        if self.metrics is not None:
+            self.metrics.incoming.set(self._incoming)
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+            if self.metrics is not None:
+                self.metrics.incoming.set(self._incoming)
+            if self._incoming == 0 and self._arrived is not None:
+                self._arrived.set()  # nothing more on its way: the gathering batch need not wait
 
     async def start(self) -> None:
         """Start the worker (on the running event loop)."""
@@ -146,7 +169,8 @@ class Batcher:
                     batch.append(job)
                     count += len(job.images)
             remaining = deadline - loop.time()
-            if not batch or count >= limit or self._queue or remaining <= 0 or self._closing:
+            done = not batch or count >= limit or self._queue or remaining <= 0 or self._closing
+            if done or not self._incoming:  # (nothing on its way: nothing to wait for)
                 self._count(-count)  # they wait no more: they are the next forward pass
                 return batch
             self._arrived.clear()

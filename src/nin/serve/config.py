@@ -39,7 +39,8 @@ class ServeConfig:
     top_k: int = bounded(5, 1, 100_000, metavar="K", help="classes per image when a request does not say (default 5)")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N (for an ONNX file: cpu or cuda)")
     threads: int | None = within(THREADS, None, metavar="N",
-                                 help="CPU threads of the forward pass (default: the runtime's)")
+                                 help="CPU threads of the forward pass (default: the usable CPUs less one, which "
+                                      "is left to the event loop)")
 
     def validate(self) -> ServeConfig:
         """Every numeric setting in its range and a usable key; returns ``self``."""

@@ -7,7 +7,8 @@ clash over counters:
 * ``nin_request_seconds{route}``: how long each took, body and queue included (histogram);
 * ``nin_batch_images``: images per forward pass (histogram): how well requests are being batched;
 * ``nin_forward_seconds``: how long each forward pass took (histogram);
-* ``nin_queue_images``: images waiting for a forward pass now (gauge).
+* ``nin_queue_images``: images waiting for a forward pass now (gauge);
+* ``nin_requests_incoming``: requests being read or decoded now, on their way to the queue (gauge).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Metrics:
         self.forward = Histogram("nin_forward_seconds", "Time of one forward pass", buckets=SECONDS,
                                  registry=self.registry)
         self.queue = Gauge("nin_queue_images", "Images waiting for a forward pass", registry=self.registry)
+        self.incoming = Gauge("nin_requests_incoming", "Requests being read or decoded, on their way to the queue",
+                              registry=self.registry)
 
     def answered(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route=route, status=str(status)).inc()
