@@ -646,6 +646,18 @@ def test_an_onnx_file_is_served_without_torch(onnx_files, files, tmp_path):
     assert card["runtime"] == "onnxruntime" and card["dataset"] == "fashion-mnist"
 
 
+def test_only_a_small_image_is_decoded_on_the_event_loop():
+    """One image of at most INLINE_PIXELS pixels (by its header) is decoded on the event loop; anything larger,
+    or anything that is not an image, goes to a thread, where it cannot hold up other requests."""
+    from nin.serve.app import INLINE_PIXELS
+    from nin.serve.images import small
+
+    assert small(png(np.zeros((28, 28), np.uint8)), INLINE_PIXELS)
+    assert not small(png(np.zeros((200, 200), np.uint8)), INLINE_PIXELS)
+    assert not small(png_header(100_000, 100_000), INLINE_PIXELS)  # a bomb's header is read, never its pixels
+    assert not small(b"not an image", INLINE_PIXELS) and not small(b"", INLINE_PIXELS)
+
+
 def test_a_request_image_is_never_a_path(tmp_path):
     """A body that names a file is bytes to decode, nothing more."""
     target = tmp_path / "secret.png"

@@ -7,8 +7,10 @@ probabilities float32 ``[N, K]`` and, with ``maps``, the class maps float32 ``[N
 ``infer`` is called from one worker thread at a time (:mod:`nin.serve.batcher`).
 
 * :class:`TorchBackend`: a run or checkpoint through :func:`nin.inference.trained.load_trained`, each batch
-  through the run's own pipeline (``trained.loader``: resize, normalize or whiten) as ``nin predict`` does, so
-  its answers are ``nin predict``'s.
+  through the run's own pipeline (``trained.loader``: resize, normalize or whiten) as ``nin predict`` does, and
+  the model as ``nin export`` deploys it (BatchNorm folded; channels-last on a CPU), traced into one
+  TorchScript graph that runs without the GIL (:mod:`nin.serve.graph`), so its answers are ``nin predict``'s
+  up to rounding (about 1e-7 in a probability).
 * :class:`OnnxBackend`: a file written by ``nin export --format onnx``, read with its sidecar ``FILE.onnx.json``
   (classes, stored size, the card; ``--cam`` files have a second output, the class maps). Its graph holds the
   normalization, so a batch is scaled to 0-1 and resized to the model's input size (bilinear, as
@@ -98,20 +100,23 @@ class TorchBackend:
         except NinError:
             self.cam = False
         self.path = self.trained.path
-        # the run's input pipeline (nin predict's: resize, normalize or whiten), built once; each batch goes
-        # through its transform
-        self.device = next(self.trained.model.parameters()).device
-        self.pipeline = self.trained.loader(torch.zeros(1, self.channels, *self.stored_size, dtype=torch.uint8))
+        # the run's input pipeline and the model as nin export deploys it, as one TorchScript graph per output
+        # (nin.serve.graph): it runs without the GIL, beside the event loop
+        from nin.serve.graph import compile_graph
+
+        device = next(self.trained.model.parameters()).device
+        example = torch.zeros(2, self.channels, *self.stored_size, dtype=torch.uint8, device=device)
+        pipeline = self.trained.loader(example[:1])
+        self.device = device
+        self.graphs = {maps: compile_graph(pipeline, self.trained.model, maps, example)
+                       for maps in ((False, True) if self.cam else (False,))}
 
     def infer(self, images: np.ndarray, maps: bool) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
 
-        from nin.inference.cam import class_maps
-
-        model = self.trained.model
         with torch.inference_mode():
-            x = self.pipeline.transform(torch.from_numpy(images).to(self.device))
-            logits, m = class_maps(model, x) if maps else (model(x), None)
+            out = self.graphs[maps](torch.from_numpy(images).to(self.device))
+            logits, m = out if maps else (out, None)
             probs = logits.float().softmax(1).cpu().numpy()
         return probs, (m.float().cpu().numpy() if m is not None else None)
 

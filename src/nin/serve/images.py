@@ -41,6 +41,16 @@ def decode_request_image(data: bytes, name: str, channels: int, size: tuple[int,
         raise BadImage(f"{name}: {decode_reason(e)}") from None
 
 
+def small(data: bytes, pixels: int) -> bool:
+    """Whether ``data`` is an image whose header declares at most ``pixels`` pixels (read lazily: no pixel is
+    decoded); False for anything else, which then goes the long way and gets its reason there."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.width * img.height <= pixels
+    except Exception:  # noqa: BLE001  not an image, or not one Pillow knows: decoding will say why
+        return False
+
+
 def unit_range(maps: np.ndarray) -> np.ndarray:
     """Each map ``[..., h, w]`` scaled to 0-1 (its minimum 0, its maximum 1; a flat map is all 0)."""
     maps = maps.astype(np.float32)
