@@ -15,6 +15,7 @@ other command, and a second Ctrl-C stops at once.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import signal
@@ -90,6 +91,11 @@ def serve(path: str | os.PathLike, config) -> None:
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     backend = load_backend(path, config)
     app = create_app(backend, config)
+    # torch, FastAPI and the model are millions of long-lived objects: a full garbage collection would scan them
+    # all, pausing every request for a tenth of a second or more (it showed as the p99 latency under load).
+    # Frozen, they are left out of every collection; only what requests allocate is scanned.
+    gc.collect()
+    gc.freeze()
     sock = bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
 
