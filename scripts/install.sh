@@ -53,6 +53,6 @@ echo "== nin${extras}"
 if command -v pyenv >/dev/null; then pyenv rehash; fi
 "$PY" -c "import torch, nin; print(f'nin {nin.__version__}, torch {torch.__version__}, cuda: {torch.cuda.is_available()}')"
 if [ "$extras" = "[test]" ]; then
-  "$PY" -c "import pytest, playwright.sync_api, httpx" \
-    || { echo "install.sh: the test tools (pytest, playwright, httpx) did not install" >&2; exit 1; }
+  "$PY" -c "import pytest, xdist, playwright.sync_api, httpx" \
+    || { echo "install.sh: the test tools (pytest, pytest-xdist, playwright, httpx) did not install" >&2; exit 1; }
 fi

@@ -43,6 +43,9 @@ def pytest_configure(config):
         os.environ.pop(AMP_ENV, None)
     elif chosen:
         os.environ[AMP_ENV] = chosen
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # pytest-xdist (pyproject's addopts): the workers share the cores rather than each taking all
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 
 
 def pytest_report_header(config):
