@@ -118,6 +118,18 @@ def read_regular_text(path: str | os.PathLike[str], limit: int | None = None, *,
         raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def read_json(path: str | os.PathLike[str], limit: int | None = None, *, error: type[NinError] = FileError):
+    """The JSON document in the regular file ``path`` (at most ``limit`` bytes): anything else, text that is not
+    JSON included, is one ``error`` line naming the file."""
+    import json
+
+    text = read_regular_text(path, limit, error=error)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON, or an integer of more than 4300 digits
+        raise error(f"{path}: not valid JSON ({' '.join(str(e).split())[:200]})") from None
+
+
 class DirLock:
     """Exclusive ownership of folder ``path`` by this process, while held: an advisory ``flock`` on the
     folder itself (no lock file is written, so a refused command changes nothing). The kernel drops the

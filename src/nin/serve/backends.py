@@ -22,7 +22,6 @@ A model that cannot be loaded is a :class:`~nin.errors.NinError`: one line when 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from nin.errors import NinError
-from nin.files import read_regular, read_regular_text
+from nin.files import read_json, read_regular
 from nin.inference.card import VERSION_HEX  # (that module imports no torch)
 
 ONNX_SUFFIX = ".onnx"
@@ -185,11 +184,7 @@ def _sidecar(path: Path) -> dict:
     side = path.with_name(path.name + ".json")
     if not side.exists():
         raise NinError(f"{path}: no {side.name} beside it (the sidecar nin export writes: classes, input size)")
-    text = read_regular_text(side, MAX_SIDECAR_BYTES, error=NinError)
-    try:
-        meta = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise NinError(f"{side}: not valid JSON ({' '.join(str(e).split())[:120]})") from None
+    meta = read_json(side, MAX_SIDECAR_BYTES, error=NinError)
     meta = meta if isinstance(meta, dict) else {}
     given = meta.get("input") if isinstance(meta.get("input"), dict) else {}
     classes, shape, stored = meta.get("classes"), given.get("shape"), given.get("stored_size")

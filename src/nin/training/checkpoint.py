@@ -34,7 +34,7 @@ from torch import nn
 
 from nin.atomic import write_error
 from nin.errors import NinError
-from nin.files import check_dir, check_regular, open_regular, os_reason, read_regular_text
+from nin.files import check_dir, check_regular, open_regular, os_reason, read_json
 
 FORMAT = "nin-checkpoint"
 VERSION = 2  # 2: meta.json records the SHA-256 of the tensor files
@@ -187,11 +187,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
     for f in FILES:  # a FIFO, a device, a folder or a dangling link in a file's place
         check_regular(path / f, error=CheckpointError)
-    text = read_regular_text(path / "meta.json", MAX_META_BYTES, error=CheckpointError)
-    try:
-        meta = json.loads(text)
-    except (ValueError, RecursionError) as e:  # ValueError: bad JSON, or an integer of more than 4300 digits
-        raise CheckpointError(f"{path / 'meta.json'}: not valid JSON ({' '.join(str(e).split())})") from None
+    meta = read_json(path / "meta.json", MAX_META_BYTES, error=CheckpointError)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path / 'meta.json'}: not a nin checkpoint")
     if meta.get("version") not in READABLE:

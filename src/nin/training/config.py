@@ -42,7 +42,7 @@ import torch
 from nin.bounds import bounded, check_ranges, setting
 from nin.data import DataConfig
 from nin.errors import NinError, did_you_mean
-from nin.files import read_regular_text
+from nin.files import read_json, read_regular_text
 from nin.models import DEFAULT_MODEL
 from nin.training.precision import AMP_MODES, amp_choice
 
@@ -314,11 +314,7 @@ def load_run_config(run_dir: Path) -> RunConfig:
     file = run_dir / "config.json"
     if not os.path.lexists(file):
         raise NinError(f"{run_dir}: not a run directory (no config.json)")
-    text = read_regular_text(file, MAX_CONFIG_BYTES, error=NinError)
-    try:
-        doc = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise NinError(f"{file}: not valid JSON ({' '.join(str(e).split())})") from None
+    doc = read_json(file, MAX_CONFIG_BYTES, error=NinError)
     if not isinstance(doc, dict):
         raise NinError(f"{file}: not a run configuration (expected a JSON object)")
     try:
