@@ -43,6 +43,7 @@ from nin.serve.metrics import Metrics
 PAGE = Path(__file__).parent / "page"
 MAX_TOP_K = 100_000
 INLINE_PIXELS = 128 * 128  # one image of at most this many pixels is decoded on the event loop itself
+INLINE_BYTES = 256 * 1024  # (a larger body is not even probed: its header is read once, in the thread)
 IMAGE_TYPES = ("image/", "application/octet-stream")
 _BINARY = {"type": "string", "format": "binary"}
 IMAGE_BODY = {"requestBody": {"required": True, "content": {
@@ -222,7 +223,7 @@ async def _images(request: Request, backend, config, one: bool = False) -> tuple
 
     # A small image decodes faster than the hand-over to a thread and back (a 28x28 PNG: about 0.1 ms); a larger
     # one is decoded in a thread, so that it never holds up the event loop.
-    inline = len(parts) == 1 and small(parts[0][1], INLINE_PIXELS)
+    inline = len(parts) == 1 and len(parts[0][1]) <= INLINE_BYTES and small(parts[0][1], INLINE_PIXELS)
     try:
         images = decode_all() if inline else await asyncio.to_thread(decode_all)
     except BadImage as e:

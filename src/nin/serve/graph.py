@@ -2,15 +2,15 @@
 
 The graph holds the run's input pipeline (``DeviceLoader.transform``: scale to 0-1, resize, normalize or whiten,
 as ``nin predict`` does) and the model as ``nin export`` deploys it (BatchNorm folded into the convolutions;
-channels-last on a CPU, which oneDNN runs about 2.5x faster for ``nin28``). It is traced and frozen once, at
+channels-last on a CPU, where oneDNN runs these convolutions faster). It is traced and frozen once, at
 start-up, for each output the server needs (the logits, and the logits with the class maps).
 
 Why a graph rather than the module itself: the forward pass runs in a worker thread while the event loop
 parses and answers requests. An eager module needs the GIL between every two operations, and under load the
-event loop holds it, so each hand-over can wait for Python's switch interval: on a 2-core CPU a 16-image pass
-of ``nin28`` took 6 ms alone and about 200 ms beside a busy Python thread. A TorchScript graph runs without the
-GIL from its first operation to its last (about 20 ms in the same test; 7 ms with the 0.5 ms switch interval
-:mod:`nin.serve.server` sets). The traced graph's outputs are the eager module's, bit for bit on a CPU.
+event loop holds it, so each hand-over can wait for Python's switch interval, many times per pass. A
+TorchScript graph runs without the GIL from its first operation to its last. ``benchmarks/serve_load.py``
+shows the effect as its "fwd ms/req" column (forward time per request under load). The traced graph's
+outputs are the eager module's, bit for bit on a CPU.
 """
 
 from __future__ import annotations
