@@ -1,5 +1,6 @@
-"""The techniques of the stronger recipes: random erasing (in batches, on the device) and an EMA of the weights
-(evaluated, checkpointed, resumed exactly, and used for inference)."""
+"""The techniques of the stronger recipes: random erasing (in batches, on the device), flip test-time augmentation
+in each epoch's evaluation, and an EMA of the weights (evaluated, checkpointed, resumed exactly, and used for
+inference)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from nin.data.loader import ERASE_AREA, ERASE_RATIO, Augment, DeviceLoader, erase, erase_boxes
 from nin.errors import NinError
+from nin.inference.tta import FlipTTA
 from nin.models import create_model
 from nin.training import checkpoint as ckpt
 from nin.training.callbacks import EMA
@@ -81,6 +83,46 @@ def test_erase_is_a_ranged_setting():
 
     with pytest.raises(NinError, match="erase must be in"):
         RunConfig.from_dict({"data": {"erase": 1.5}}).validate()
+
+
+
+# ------------------------------------------------------------------- TTA in training
+
+
+def test_tta_reports_the_flip_averaged_accuracy_and_leaves_training_alone():
+    plain = _trainer()
+    plain.fit()
+    x, y = _data()
+    xt, yt = _data(64, seed=1)
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=2, batch_size=32, amp="none", tta=True)
+    flipped = Trainer(create_model("nin28", width=0.25), cfg, DeviceLoader(x, y, 32, shuffle=True),
+                      DeviceLoader(xt, yt, 64))
+    history = flipped.fit()
+    # the same weights and training losses: TTA only changes how the test images are scored
+    assert all(torch.equal(a, b) for a, b in zip(_params(plain.model), _params(flipped.model)))
+    assert [h["train_loss"] for h in history] == [h["train_loss"] for h in plain.history]
+    test = DeviceLoader(xt, yt, 64)
+    by_tta = evaluate(FlipTTA(flipped.eval_model()), test, flipped.criterion)
+    alone = evaluate(flipped.eval_model(), test, flipped.criterion)
+    assert history[-1]["test_acc"] == pytest.approx(by_tta["acc"])
+    assert history[-1]["test_loss"] == pytest.approx(by_tta["loss"])
+    assert plain.history[-1]["test_loss"] == pytest.approx(alone["loss"])
+    assert by_tta["loss"] != pytest.approx(alone["loss"])  # the mirror images count
+
+
+def test_tta_is_a_flag_and_a_typed_setting():
+    from nin.cli.main import build_parser
+    from nin.cli.options import settings_given
+    from nin.training.config import RunConfig
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    assert settings_given(train.parse_args(["--tta"])) == {"train.tta": True}
+    assert settings_given(train.parse_args(["--no-tta"])) == {"train.tta": False}
+    assert not TrainConfig().tta  # off unless asked for
+    assert RunConfig.from_dict({"train": {"tta": True}}).train.tta
+    with pytest.raises(NinError, match="train.tta must be bool"):
+        RunConfig.from_dict({"train": {"tta": "yes"}})
 
 
 # ------------------------------------------------------------------------- EMA

@@ -71,6 +71,9 @@ class TrainConfig:
                          help="keep an exponential moving average of the weights with this decay per step (e.g. "
                               "0.999), evaluated, checkpointed and used for inference in their place (default 0: "
                               "off)")
+    tta: bool = setting(False, "evaluate each epoch with horizontal-flip test-time augmentation: the mean of the "
+                               "predictions on each test image and its mirror image (the reported test accuracy is "
+                               "that of the averaged predictions; nin evaluate and nin predict take --tta to match)")
     # Speed. "auto"/None pick per device (see resolved() and amp_choice()): on CUDA, bf16 where the GPU has
     # it natively (compute capability 8.0+), else fp16 with a gradient scaler, plus channels_last and compile;
     # on a CPU, bf16 only where oneDNN runs it natively, channels_last always, no compile.

@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nin.data.loader import DeviceLoader
 from nin.errors import NinError
+from nin.inference.tta import with_tta
 from nin.models.fold import fold_batchnorm, has_batchnorm
 from nin.training import distributed
 from nin.training.callbacks.base import Callback, CallbackList
@@ -385,7 +386,8 @@ class Trainer:
         if self.test_loader is not None:
             self.callbacks.call("on_eval_start", self)  # e.g. an EMA puts its averaged weights in
             try:
-                ev = evaluate(self.eval_model(), self.test_loader, self.criterion, self.autocast)
+                ev = evaluate(with_tta(self.eval_model(), self.config.tta), self.test_loader, self.criterion,
+                              self.autocast)
             finally:
                 self.callbacks.call("on_eval_end", self)
             metrics |= {"test_loss": ev["loss"], "test_acc": ev["acc"]}
