@@ -144,6 +144,50 @@ def test_predictions_are_nin_predicts_on_the_same_files(tiny_run, backend, files
         assert set(got) == set(expected.to_dict())  # the shape of Prediction.to_dict()
 
 
+def test_the_fast_path_answers_a_raw_body_as_the_fastapi_route_does(backend, files, monkeypatch):
+    """POST /v1/predict with one raw image (and at most top_k) skips FastAPI (nin.serve.fastpath): the same answer,
+    the same errors and the same metrics as through the route, which any other form of the request takes."""
+    from nin.serve.fastpath import FastPredict
+
+    taken = []
+    real = FastPredict.answer
+    monkeypatch.setattr(FastPredict, "answer", lambda self, receive, k: taken.append(k) or real(self, receive, k))
+    good, jpeg = files[0].read_bytes(), files[3].read_bytes()
+
+    async def go():
+        async with serving(backend, api_key="k3y", top_k=4) as (app, client):
+            key = {"authorization": "Bearer k3y"}
+
+            async def both(body, query="", kind="image/png"):
+                fast = await client.post(f"/v1/predict{query}", content=body, headers={"content-type": kind, **key})
+                # another query parameter: FastAPI ignores it, this path passes the request on
+                joiner = "&" if query else "?"
+                route = await client.post(f"/v1/predict{query}{joiner}via=route", content=body,
+                                          headers={"content-type": kind, **key})
+                return fast, route
+
+            pairs = {"default top_k": await both(good), "top_k 2": await both(good, "?top_k=2"),
+                     "jpeg": await both(jpeg, kind="image/jpeg"),
+                     "octet": await both(good, kind="application/octet-stream; charset=x"),
+                     "bad image": await both(b"GIF89a but not really"), "empty": await both(b"")}
+            declined = [await client.post(path, content=good, headers={**PNG, **headers}) for path, headers in
+                        (("/v1/predict?top_k=0", key), ("/v1/predict?top_k=all", key), ("/v1/predict", {}))]
+            metrics = (await client.get("/metrics", headers=key)).text
+            return pairs, declined, metrics
+
+    pairs, declined, metrics = run(go())
+    for name, (fast, route) in pairs.items():
+        assert (fast.status_code, fast.json()) == (route.status_code, route.json()), name
+        assert fast.headers["content-type"] == route.headers["content-type"] == "application/json", name
+    assert pairs["top_k 2"][0].status_code == 200 and len(pairs["top_k 2"][0].json()["predictions"][0]["top"]) == 2
+    assert len(pairs["default top_k"][0].json()["predictions"][0]["top"]) == 4
+    assert pairs["bad image"][0].status_code == 400 and pairs["empty"][0].status_code == 400
+    assert taken == [4, 2, 4, 4, 4, 4]  # each first of a pair, and none of the declined requests
+    assert [r.status_code for r in declined] == [400, 400, 401]
+    assert 'nin_requests_total{route="/v1/predict",status="200"} 8.0' in metrics
+    assert 'nin_requests_total{route="/v1/predict",status="400"} 6.0' in metrics
+
+
 def test_a_request_image_decodes_as_its_file_does(files):
     from nin.data.images import decode_image
     from nin.inference.predict import FIT

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import sys
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -98,14 +99,10 @@ def create_app(backend, config, metrics: Metrics | None = None) -> FastAPI:
         async def answer():
             with batcher.incoming():
                 names, images = await _images(request, backend, config)
-            probs, _ = await _submit(batcher, images, maps=False)
-            return [{"file": name, "top": _top(p, backend.classes, top_k or config.top_k)}
-                    for name, p in zip(names, probs)]
+            return await predictions(backend, batcher, names, images, top_k or config.top_k)
 
-        predictions = await _within(answer(), config)
         # a JSONResponse as it is: FastAPI would otherwise walk the answer through jsonable_encoder first
-        return JSONResponse({"model": backend.card["name"], "version": backend.card["version"],
-                             "predictions": predictions})
+        return JSONResponse(await within(answer(), config))
 
     @app.post("/v1/cam", dependencies=guarded, openapi_extra=IMAGE_BODY,
               responses={200: {"content": {"image/png": {}}}, 409: {"description": "no class maps"}})
@@ -132,7 +129,7 @@ def create_app(backend, config, metrics: Metrics | None = None) -> FastAPI:
             return {"model": backend.card["name"], "version": backend.card["version"], "file": names[0],
                     "size": list(images.shape[2:]), "top": top}
 
-        return await _within(answer(), config)
+        return await within(answer(), config)
 
     @app.get("/v1/model", dependencies=guarded)
     def model() -> dict:
@@ -167,16 +164,29 @@ def create_app(backend, config, metrics: Metrics | None = None) -> FastAPI:
 
     app.mount("/page", StaticFiles(directory=PAGE, check_dir=False), name="page")
     routes = {r.path for r in app.routes}
+    from nin.serve.fastpath import FastPredict  # (it uses this module's functions)
+
+    app.add_middleware(FastPredict, backend=backend, batcher=batcher, config=config)  # inside Guard
     app.add_middleware(Guard, max_bytes=config.max_bytes, metrics=metrics, routes=routes)
     return app
 
 
-async def _within(work, config):
+async def within(work, config):
     """``work`` awaited, or 504 once ``config.timeout_s`` have passed."""
     try:
+        if sys.version_info >= (3, 11):  # a deadline on this task: no task of its own per request
+            async with asyncio.timeout(config.timeout_s):
+                return await work
         return await asyncio.wait_for(work, config.timeout_s)
-    except asyncio.TimeoutError:
+    except (TimeoutError, asyncio.TimeoutError):  # one class from 3.11 on
         raise error(504, f"no answer within {config.timeout_s:g} s (--timeout)") from None
+
+
+async def predictions(backend, batcher: Batcher, names: list[str], images: np.ndarray, top_k: int) -> dict:
+    """The answer of ``POST /v1/predict``: the top ``top_k`` classes of each decoded image, batched."""
+    probs, _ = await _submit(batcher, images, maps=False)
+    return {"model": backend.card["name"], "version": backend.card["version"],
+            "predictions": [{"file": name, "top": _top(p, backend.classes, top_k)} for name, p in zip(names, probs)]}
 
 
 async def _submit(batcher: Batcher, images: np.ndarray, maps: bool):
@@ -214,6 +224,12 @@ async def _images(request: Request, backend, config, one: bool = False) -> tuple
         raise error(400, "no image in the request: send image files as multipart/form-data parts")
     if one and len(parts) > 1:
         raise error(400, f"send one image, not {len(parts)}")
+    return [name for name, _ in parts], await decoded(parts, backend, config)
+
+
+async def decoded(parts: list[tuple[str, bytes]], backend, config) -> np.ndarray:
+    """The images of ``parts`` (name, encoded bytes) as uint8 ``[N, C, H, W]`` at the model's stored size; 400
+    for too many, or for one that is not a usable image."""
     if len(parts) > config.max_images:
         raise error(400, f"too many images: {len(parts)}, at most {config.max_images} (--max-images)")
     shape = backend.channels, tuple(backend.stored_size)
@@ -225,21 +241,20 @@ async def _images(request: Request, backend, config, one: bool = False) -> tuple
     # one is decoded in a thread, so that it never holds up the event loop.
     inline = len(parts) == 1 and len(parts[0][1]) <= INLINE_BYTES and small(parts[0][1], INLINE_PIXELS)
     try:
-        images = decode_all() if inline else await asyncio.to_thread(decode_all)
+        return decode_all() if inline else await asyncio.to_thread(decode_all)
     except BadImage as e:
         raise error(400, str(e)) from None
-    return [name for name, _ in parts], images
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": _one_line(exc.detail)}, exc.status_code, headers=exc.headers)
+        return JSONResponse({"error": one_line(exc.detail)}, exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def bad_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
         reasons = [f"{e['loc'][-1]}: {e['msg']}" if e.get("loc") else e.get("msg", "") for e in exc.errors()]
-        return JSONResponse({"error": _one_line("; ".join(reasons) or "bad request")}, 400)
+        return JSONResponse({"error": one_line("; ".join(reasons) or "bad request")}, 400)
 
     @app.exception_handler(ClientDisconnect)
     async def gone(request: Request, exc: ClientDisconnect) -> JSONResponse:  # the client's doing, not a fault
@@ -251,7 +266,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server's log"}, 500)
 
 
-def _one_line(text: object) -> str:
+def one_line(text: object) -> str:
     return " ".join(str(text).split())[:500]
 
 
