@@ -700,6 +700,12 @@ def test_only_a_small_image_is_decoded_on_the_event_loop():
     assert not small(png(np.zeros((200, 200), np.uint8)), INLINE_PIXELS)
     assert not small(png_header(100_000, 100_000), INLINE_PIXELS)  # a bomb's header is read, never its pixels
     assert not small(b"not an image", INLINE_PIXELS) and not small(b"", INLINE_PIXELS)
+    # a PNG's size is read from its IHDR bytes, other formats' by Pillow: the same answers
+    jpeg = io.BytesIO()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(jpeg, format="JPEG")
+    assert small(jpeg.getvalue(), INLINE_PIXELS) and not small(jpeg.getvalue(), 28 * 28 - 1)
+    assert small(png(np.zeros((10, 20), np.uint8)), 200) and not small(png(np.zeros((10, 20), np.uint8)), 199)
+    assert not small(png(np.zeros((28, 28), np.uint8))[:20], INLINE_PIXELS)  # cut inside its header: the long way
 
 
 def test_a_request_image_is_never_a_path(tmp_path):

@@ -93,6 +93,8 @@ def _flatten(img: Image.Image) -> Image.Image:
 
 def _resize(img: Image.Image, size: tuple[int, int], fit: str) -> Image.Image:
     height, width = size
+    if img.size == (width, height):  # already the model's size: resizing would only copy it
+        return img
     if fit == "crop":
         return ImageOps.fit(img, (width, height), method=Image.Resampling.BILINEAR)
     return img.resize((width, height), Image.Resampling.BILINEAR)
@@ -151,8 +153,10 @@ def decode_file(f: BinaryIO, channels: int, size: tuple[int, int], fit: str, cap
         # Pillow checks frame sizes again as it decodes some formats: that can only warn under a raised cap
         with _pillow_quiet(limit is not None and cap > limit):
             opened.load()  # decode now, so truncated files fail here (first frame of animations)
-        img = _flatten(ImageOps.exif_transpose(opened)).convert("L" if channels == 1 else "RGB")
-        array = np.asarray(_resize(img, size, fit))
+        ImageOps.exif_transpose(opened, in_place=True)  # (in place: no copy of an image with no orientation)
+        img = _flatten(opened)
+        mode = "L" if channels == 1 else "RGB"
+        array = np.asarray(_resize(img if img.mode == mode else img.convert(mode), size, fit))
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 

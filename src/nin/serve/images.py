@@ -26,6 +26,9 @@ ALPHA = 0.45  # how much of the heat map shows over the image (as nin cam draws 
 SHOWN = 256  # a small image is enlarged (whole pixels) to about this many pixels on its longer side
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 class BadImage(NinError):
     """A request's image that cannot be used: empty, not an image, truncated, or more pixels than allowed."""
 
@@ -44,6 +47,8 @@ def decode_request_image(data: bytes, name: str, channels: int, size: tuple[int,
 def small(data: bytes, pixels: int) -> bool:
     """Whether ``data`` is an image whose header declares at most ``pixels`` pixels (read lazily: no pixel is
     decoded); False for anything else, which then goes the long way and gets its reason there."""
+    if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:  # a PNG's size: bytes 16-24
+        return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big") <= pixels
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.width * img.height <= pixels
