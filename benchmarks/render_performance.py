@@ -174,9 +174,14 @@ def _serving(records: list[dict[str, Any]]) -> list[str]:
             out.append(f"| {row['runtime']} | {'on' if row['batching'] else 'off'} | {row['clients']} | "
                        f"{_num(row['requests_s'])} | {_num(row['p50_ms'])} ms | {_num(row['p99_ms'])} ms | "
                        f"{row['errors']} | {_num(row['peak_rss_mib'], 0)} | {_num(row['mean_batch'])} |")
-        ratios = ", ".join(f"{k} **{v:.2f}x**" for k, v in r["ratios"].items() if v is not None)
-        out += ["", f"Batching over `--no-batching` at {max(r['clients'])} clients, requests/s: {ratios}.", "",
-                _source(rec), ""]
+        rounds = r.get("rounds", 1)
+        each = r.get("round_ratios", {})
+        ratios = ", ".join(f"{k} **{v:.2f}x**" + (f" (rounds: {', '.join(f'{x:.2f}x' for x in each[k])})"
+                                                 if len(each.get(k) or []) > 1 else "")
+                           for k, v in r["ratios"].items() if v is not None)
+        medians = f" Each figure is the median of {rounds} rounds of the whole table." if rounds > 1 else ""
+        out += ["", f"Batching over `--no-batching` at {max(r['clients'])} clients, requests/s: {ratios}.{medians}",
+                "", _source(rec), ""]
     if soak:
         rec = soak[-1]
         r = rec["result"]

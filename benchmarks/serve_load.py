@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -101,9 +102,33 @@ def measure_point(server: Server, pool: list[bytes], clients: int, count: int, s
 
 
 def measure(targets: dict[str, Path], pool: list[bytes], *, clients=CLIENTS, requests: int = 2000,
-            seconds: float = 60.0, threads: int | None = None, progress=print) -> dict[str, Any]:
-    """Every point of the table: for each runtime in ``targets`` ({"torch": RUN, "onnx": FILE}), a server with
-    batching on and one with --no-batching, each at every count of ``clients``."""
+            seconds: float = 60.0, threads: int | None = None, rounds: int = 1, progress=print) -> dict[str, Any]:
+    """Every point of the table, ``rounds`` times over (whole rounds, one after another, so that a slow spell
+    of the machine touches every point alike); each figure of a row is its median over the rounds, and
+    ``round_requests_s`` keeps each round's requests/s."""
+    runs = [_measure_round(targets, pool, clients, requests, seconds, threads, progress) for _ in range(rounds)]
+    model = runs[0][1]
+    rows = [_median_row([r[0][i] for r in runs]) for i in range(len(runs[0][0]))]
+    per_round = [ratios(r[0], max(clients)) for r in runs]
+    return {"model": model, "requests": requests, "seconds": seconds, "clients": list(clients),
+            "threads": threads, "rounds": rounds, "rows": rows, "ratios": ratios(rows, max(clients)),
+            "round_ratios": {k: [r[k] for r in per_round] for k in per_round[0]}, "target": TARGET}
+
+
+def _median_row(points: list[dict]) -> dict:
+    """One point measured in several rounds: the median of each figure, and every round's requests/s."""
+    row = dict(points[0])
+    for key, value in points[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "clients":
+            values = [p[key] for p in points if p[key] is not None]
+            row[key] = statistics.median(values) if values else None
+    row["errors"] = sum(p["errors"] for p in points)
+    row["capped"] = any(p["capped"] for p in points)
+    row["round_requests_s"] = [p["requests_s"] for p in points]
+    return row
+
+
+def _measure_round(targets, pool, clients, requests, seconds, threads, progress) -> tuple[list[dict], str]:
     rows, model = [], None
     for runtime, path in targets.items():
         for batching in (True, False):
@@ -119,8 +144,7 @@ def measure(targets: dict[str, Path], pool: list[bytes], *, clients=CLIENTS, req
                 exit_code = server.stop()
             if exit_code != 0:
                 raise RuntimeError(f"nin serve {path} exited {exit_code} on SIGTERM: {server.stderr()[-2000:]}")
-    return {"model": model, "requests": requests, "seconds": seconds, "clients": list(clients),
-            "threads": threads, "rows": rows, "ratios": ratios(rows, max(clients)), "target": TARGET}
+    return rows, model
 
 
 def ratios(rows: list[dict], clients: int) -> dict[str, float | None]:
@@ -168,7 +192,9 @@ def table(result: dict[str, Any], machine: dict[str, Any]) -> str:
             met = ratio >= t["ratio"] and p99 is not None and p99 <= t["p99_ms"]
             verdict = (f"; target {t['ratio']:g}x with p99 <= {t['p99_ms']:g} ms: "
                        f"{'met' if met else 'NOT met'}")
-        lines.append(f"{runtime}: batching / no batching at {top} clients: {ratio:.2f}x requests/s, "
+        each = result.get("round_ratios", {}).get(runtime) or []
+        rounds = f" (median of {len(each)} rounds: {', '.join(f'{x:.2f}x' for x in each)})" if len(each) > 1 else ""
+        lines.append(f"{runtime}: batching / no batching at {top} clients: {ratio:.2f}x requests/s{rounds}, "
                      f"p99 {p99:.1f} ms with batching{verdict}")
     lines.append(f"model {result['model']}; machine {machine.get('kind')} ({machine.get('label')}; "
                  f"{machine.get('cpu')}, {machine.get('usable_cpus')} usable CPUs)")
@@ -184,10 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime", choices=("both", *RUNTIMES), default="both", help="torch, onnx or both (default)")
     ap.add_argument("--onnx", type=Path, help="the ONNX export (default RUN/serve-load.onnx; made if missing)")
     ap.add_argument("--threads", type=int, help="the server's --threads (default: the runtime's)")
+    ap.add_argument("--rounds", type=int, default=3, help="measure the whole table this many times; each figure "
+                                                          "is the median over the rounds (default 3)")
     ap.add_argument("--record", type=Path, help="keep the result as a JSON record in this folder")
     args = ap.parse_args(argv)
-    if args.requests < 1 or args.seconds <= 0:
-        ap.error("--requests and --seconds must be positive")
+    if args.requests < 1 or args.seconds <= 0 or args.rounds < 1:
+        ap.error("--requests, --seconds and --rounds must be positive")
     clients = tuple(int(c) for c in args.clients.split(","))
     from nin.analysis.doctor import fingerprint
 
@@ -200,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.runtime in ("both", "onnx"):
             targets["onnx"] = ensure_onnx(run, args.onnx or run / "serve-load.onnx")
         result = measure(targets, request_pool(run), clients=clients, requests=args.requests,
-                         seconds=args.seconds, threads=args.threads)
+                         seconds=args.seconds, threads=args.threads, rounds=args.rounds)
     print(table(result, machine))
     if args.record:
         from nin.analysis.records import make_record, write_record

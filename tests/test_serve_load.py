@@ -98,7 +98,8 @@ def test_a_short_soak_passes_every_check(tiny_run, soak_script, tmp_path):
 def test_a_tiny_load_run_gives_a_sane_table(tiny_run, tmp_path):
     load = script("serve_load.py")
     pool = load["request_pool"](tiny_run, 16)
-    result = load["measure"]({"torch": tiny_run}, pool, clients=(1, 8), requests=50, seconds=60, progress=quiet)
+    result = load["measure"]({"torch": tiny_run}, pool, clients=(1, 8), requests=50, seconds=60, rounds=2,
+                             progress=quiet)
     rows = result["rows"]
     assert [(r["runtime"], r["batching"], r["clients"]) for r in rows] == [
         ("torch", True, 1), ("torch", True, 8), ("torch", False, 1), ("torch", False, 8)]
@@ -108,6 +109,9 @@ def test_a_tiny_load_run_gives_a_sane_table(tiny_run, tmp_path):
         assert r["server_cpu_ms"] >= r["loop_cpu_ms"] > 0 and r["client_cpu_ms"] > 0
     assert [r["mean_batch"] for r in rows if not r["batching"]] == [1.0, 1.0]  # --no-batching: one image a pass
     assert result["ratios"] == {"torch": pytest.approx(rows[1]["requests_s"] / rows[3]["requests_s"], abs=0.01)}
+    for r in rows:  # 2 rounds: each figure is the median (here the mean) of the two
+        assert len(r["round_requests_s"]) == 2 and r["requests_s"] == pytest.approx(sum(r["round_requests_s"]) / 2)
+    assert result["rounds"] == 2 and len(result["round_ratios"]["torch"]) == 2
     machine = fingerprint()
     text = load["table"](result, machine)
     assert "batching / no batching at 8 clients" in text and machine["kind"] in text
@@ -116,3 +120,4 @@ def test_a_tiny_load_run_gives_a_sane_table(tiny_run, tmp_path):
     assert path.name.endswith(f"-{machine['kind']}-serve-load-nin28.json")
     rendered = script("render_performance.py")["render"](load_records(tmp_path))
     assert "### Serving: `nin serve`" in rendered and "| torch | off | 8 |" in rendered
+    assert "the median of 2 rounds" in rendered and "median of 2 rounds" in text
