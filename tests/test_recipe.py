@@ -119,7 +119,11 @@ def test_tta_is_a_flag_and_a_typed_setting():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     assert settings_given(train.parse_args(["--tta"])) == {"train.tta": True}
     assert settings_given(train.parse_args(["--no-tta"])) == {"train.tta": False}
-    assert not TrainConfig().tta  # off unless asked for
+    assert not TrainConfig().tta  # off unless asked for, or by the fast preset (chosen on held-out images)
+    from nin.training.config import preset
+
+    fast = preset("fast").train
+    assert fast.tta and fast.label_smoothing == 0 and fast.epochs == 12
     assert RunConfig.from_dict({"train": {"tta": True}}).train.tta
     with pytest.raises(NinError, match="train.tta must be bool"):
         RunConfig.from_dict({"train": {"tta": "yes"}})
