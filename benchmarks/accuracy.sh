@@ -9,7 +9,7 @@
 #   bash benchmarks/accuracy.sh best       # --preset best (hours a seed on a 2-core CPU, minutes on a GPU)
 #   bash benchmarks/accuracy.sh validate   # the validation runs the presets were chosen on (--holdout 5000)
 #   bash benchmarks/accuracy.sh d2l        # the chapter's recipe, seed 0 (about an hour on a bf16 CPU)
-#   bash benchmarks/accuracy.sh ablate     # the fast preset, then with one setting changed at a time (--holdout 5000)
+#   bash benchmarks/accuracy.sh ablate     # the fast preset, then with one or two settings changed (--holdout 5000)
 #   bash benchmarks/accuracy.sh baselines  # d2l's LeNet with the chapter series' own recipe, and with ours
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,8 +34,9 @@ case "${1:-}" in
   d2l)
     nin bench "${rec[@]}" --preset d2l --targets 0.7,0.77 ;;
   ablate)
-    for change in "" "--epochs 16" "--epochs 20" "--erase 0.5" "--ema 0.999" "--no-flip" "--label-smoothing 0"; do
-      # shellcheck disable=SC2086  # one setting: a flag and its value
+    for change in "" "--epochs 16" "--epochs 20" "--erase 0.5" "--ema 0.999" "--no-flip" "--label-smoothing 0" "--tta" \
+                  "--tta --label-smoothing 0" "--no-flip --label-smoothing 0"; do
+      # shellcheck disable=SC2086  # one or two settings: flags and their values
       trained nin train --holdout 5000 --preset fast $change
     done ;;
   baselines)

@@ -44,6 +44,39 @@ def _seedless(command: str) -> str:
     return re.sub(r"\s--(seed|record)[ =]\S+", "", command)
 
 
+#: Settings that do not change what a run learns or how it is scored: left out when runs are grouped by recipe.
+NOT_RECIPE = {"seed", "device", "data.data_dir", "data.download", "data.verify", "checkpoint.every_steps",
+              "checkpoint.keep_last", "train.tensorboard", "train.tensorboard_every"}
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "options":
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[prefix + k] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def _recipe(cfg: dict[str, Any]) -> tuple:
+    """A record's settings as a hashable recipe: today's defaults for settings added since it was recorded (a
+    command such as ``--preset fast`` may mean another recipe after the preset changed), without NOT_RECIPE."""
+    from nin.training.config import RunConfig
+
+    flat = _flat(RunConfig().to_dict()) | _flat(cfg)
+    return tuple(sorted((k, repr(v)) for k, v in flat.items() if k not in NOT_RECIPE))
+
+
+def _differences(recipes: list[tuple]) -> list[str]:
+    """For recipes recorded under one command: what sets each apart, e.g. ``train.tta=True`` (empty when one)."""
+    if len(recipes) < 2:
+        return [""] * len(recipes)
+    dicts = [dict(r) for r in recipes]
+    keys = sorted({k for d in dicts for k in d if len({e.get(k) for e in dicts}) > 1})
+    return [" (" + ", ".join(f"{k}={d.get(k)}" for k in keys) + ")" for d in dicts]
+
+
 def _note(rec: dict[str, Any]) -> str:
     source = rec.get("source") or ""
     return " (transcribed)" if source.startswith("Transcribed") else " (converted run)" if source else ""
@@ -79,15 +112,19 @@ def _acc(values: list[float]) -> str:
 
 
 def rows(records: list[dict[str, Any]], holdout: bool) -> list[str]:
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple[str, str, tuple], list[dict[str, Any]]] = defaultdict(list)
     for rec in records:
         cfg = rec["result"].get("config", {})
         if rec["what"] != "time-to-accuracy" or bool(cfg.get("data", {}).get("holdout")) != holdout:
             continue
-        groups[(rec["machine"].get("kind", "unknown"), _seedless(rec["command"]))].append(rec)
+        groups[(rec["machine"].get("kind", "unknown"), _seedless(rec["command"]), _recipe(cfg))].append(rec)
+    by_command = defaultdict(list)  # one command that stood for several recipes: each row says which
+    for kind, command, recipe in groups:
+        by_command[(kind, command)].append(recipe)
+    label = {(k, c, r): d for (k, c), rs in by_command.items() for r, d in zip(rs, _differences(rs))}
     cache: dict = {}
     out = []
-    for (kind, command), recs in sorted(groups.items(), key=lambda kv: kv[1][0]["recorded"]):
+    for (kind, command, recipe), recs in sorted(groups.items(), key=lambda kv: kv[1][0]["recorded"]):
         cfg = recs[0]["result"]["config"]
         params, macs = _model_costs(cfg, cache)
         finals = [r["result"]["epochs"][-1]["test_acc"] for r in recs if r["result"].get("epochs")]
@@ -95,7 +132,7 @@ def rows(records: list[dict[str, Any]], holdout: bool) -> list[str]:
         epochs = recs[0]["result"]["epochs"][-1]["epoch"] if recs[0]["result"].get("epochs") else "-"
         seeds = sorted(r["result"]["config"].get("seed", 0) for r in recs)
         files = ", ".join(f"[{i + 1}](../benchmarks/results/{r['file']})" for i, r in enumerate(recs))
-        note = _note(recs[0])
+        note = label[(kind, command, recipe)] + _note(recs[0])
         shared = "*" if any("shared the two cores" in (r.get("source") or "") + (r.get("note") or "")
                             for r in recs) else ""
         out.append(f"| {cfg['model']['name']} | {params:,} | {_fmt_count(macs)} | `{command}`{note} | {epochs} | "
@@ -139,24 +176,29 @@ ABLATION_BASE = "nin train --holdout 5000 --preset fast"
 def ablation_section(records: list[dict[str, Any]]) -> list[str]:
     """The fast preset on held-out images with one setting changed at a time, beside the preset itself run on the
     same machine kind: what each technique gives at that length (``bash benchmarks/accuracy.sh ablate``)."""
-    by_kind: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    by_kind: dict[str, dict[tuple[str, tuple], list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for rec in records:
         command = _seedless(rec["command"]).strip()
         if rec["what"] == "time-to-accuracy" and (command == ABLATION_BASE or command.startswith(ABLATION_BASE + " ")):
-            by_kind[rec["machine"].get("kind", "unknown")][command[len(ABLATION_BASE):].strip()].append(rec)
+            change = command[len(ABLATION_BASE):].strip()
+            by_kind[rec["machine"].get("kind", "unknown")][(change, _recipe(rec["result"]["config"]))].append(rec)
     out = []
     for kind, changes in sorted(by_kind.items()):
-        if "" not in changes:
+        bases = {recipe: recs for (change, recipe), recs in changes.items() if not change}
+        if not bases:
             continue  # no baseline on this machine kind to compare with
-        base = statistics.mean(r["result"]["epochs"][-1]["test_acc"] for r in changes[""])
-        out += [f"On {kind} (`{ABLATION_BASE}` plus the change):", "",
+        labels = dict(zip(bases, _differences(list(bases))))  # the preset changed between its runs: which is which
+        out += [f"On {kind} (`{ABLATION_BASE}` plus the change, against the run of the preset whose settings are "
+                "closest):", "",
                 "| change | epochs | holdout accuracy | against the preset | records |",
                 "| --- | ---: | ---: | ---: | --- |"]
-        for change, recs in sorted(changes.items(), key=lambda kv: (kv[0] != "", kv[1][0]["recorded"])):
+        for (change, recipe), recs in sorted(changes.items(), key=lambda kv: (kv[0][0] != "", kv[1][0]["recorded"])):
             finals = [r["result"]["epochs"][-1]["test_acc"] for r in recs]
+            closest = min(bases, key=lambda b: len(set(b) ^ set(recipe)))
+            base = statistics.mean(r["result"]["epochs"][-1]["test_acc"] for r in bases[closest])
             delta = 100 * (statistics.mean(finals) - base)
             files = ", ".join(f"[{i + 1}](../benchmarks/results/{r['file']})" for i, r in enumerate(recs))
-            shown = f"`{change}`" if change else "none (the preset)"
+            shown = f"`{change}`" if change else f"none (the preset{labels[recipe]})"
             out.append(f"| {shown} | {recs[0]['result']['epochs'][-1]['epoch']} | {_acc(finals)} | "
                        f"{f'{delta:+.2f} points' if change else '-'} | {files} |")
         out.append("")
@@ -173,7 +215,8 @@ def render(records: list[dict[str, Any]]) -> str:
              "edit by hand. Each row is one command run on one machine kind (`nin doctor`), once per seed; test",
              "accuracy is on the real 10,000 test images after the last epoch, as mean ± sample std over the seeds.",
              "Wall time is the whole command, interpreter start-up and data loading included (a converted",
-             "`nin train` run counts from the start of training).", "",
+             "`nin train` run counts from the start of training). A recipe with `train.tta` on is scored with flip",
+             "test-time augmentation: the mean of the predictions on each test image and its mirror image.", "",
              "## Runs", "", *HEADER, *rows(records, holdout=False), "",
              "\\* other jobs shared the cores during the run: the time is not the machine's speed (the record's note "
              "says more).", "",
@@ -190,7 +233,7 @@ def render(records: list[dict[str, Any]]) -> str:
              HEADER[0].replace("test accuracy", "holdout accuracy"), HEADER[1], *rows(records, holdout=True), "",
              "\\* trained while other jobs shared the cores: the time is not the machine's speed.", "",
              "## What each setting gives (ablation)", "",
-             "The fast preset with one setting changed at a time, scored on the same held-out images.", "",
+             "The fast preset with one or two settings changed, scored on the same held-out images.", "",
              *ablation_section(records),
              "## Published figures (not run here)", "",
              "| model | parameters | source | test accuracy |", "| --- | ---: | --- | ---: |",

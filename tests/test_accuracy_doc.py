@@ -22,9 +22,9 @@ def script():
 
 
 def record(command: str, accs: list[float], seed: int = 0, holdout: int | None = None, model: str = "nin28",
-           seconds: float = 10.0, file: str = "r.json") -> dict:
-    cfg = {"model": {"name": model, "options": {}}, "data": {"holdout": holdout}, "train": {"epochs": len(accs)},
-           "seed": seed}
+           seconds: float = 10.0, file: str = "r.json", **train) -> dict:
+    cfg = {"model": {"name": model, "options": {}}, "data": {"holdout": holdout},
+           "train": {"epochs": len(accs), **train}, "seed": seed}
     epochs = [{"epoch": i + 1, "test_acc": a, "seconds": seconds * (i + 1) / len(accs)} for i, a in enumerate(accs)]
     result = {"preset": "default", "targets": {}, "epochs": epochs, "seconds": seconds, "config": cfg}
     return {**make_record(result, "time-to-accuracy", command, machine=MACHINE), "file": file}
@@ -46,6 +46,31 @@ def test_seeds_of_one_command_are_one_row_with_mean_and_sample_std(script):
     assert "`nin bench --time-to-accuracy --preset fast`" in rows[0]  # no seed, no record folder
     assert "| 100 s |" in rows[0]  # the median time
     assert "| 116,138 | 9.92 M |" not in rows[0] and "| 79,898 | 6.13 M |" in rows[0]  # nin28's own counts
+
+
+def test_one_command_that_stood_for_two_recipes_is_two_rows_that_say_which(script):
+    """A preset changed between runs (here: --preset fast before and after it evaluated with flip TTA): its runs
+    are not averaged together, and each row names the setting that sets it apart; a record from before a setting
+    existed counts as today's default (off)."""
+    before = [record("nin bench --preset fast", [0.937], seed=s) for s in (0, 1)]
+    after = [record("nin bench --preset fast", [0.941], seed=s, tta=True) for s in (0, 1)]
+    rows = script["rows"]([*before, *after], holdout=False)
+    assert len(rows) == 2
+    assert "(train.tta=False)" in rows[0] and "93.70% ± 0.00%" in rows[0]
+    assert "(train.tta=True)" in rows[1] and "94.10% ± 0.00%" in rows[1]
+    assert len(script["rows"](before, holdout=False)) == 1 and "train.tta" not in script["rows"](before, False)[0]
+
+
+def test_each_ablation_is_measured_against_the_closest_run_of_the_preset(script):
+    base = "nin train --holdout 5000 --preset fast"
+    runs = [record(base, [0.930], holdout=5000), record(base, [0.935], holdout=5000, tta=True),
+            record(base + " --epochs 16", [0.934], holdout=5000, epochs=16),
+            record(base + " --no-tta", [0.931], holdout=5000, epochs=1, tta=False)]
+    text = "\n".join(script["ablation_section"](runs))
+    assert "| none (the preset (train.tta=False)) | 1 | 93.00% | - |" in text
+    assert "| none (the preset (train.tta=True)) | 1 | 93.50% | - |" in text
+    assert "| `--epochs 16` | 1 | 93.40% | +0.40 points |" in text  # against the preset without TTA
+    assert "| `--no-tta` | 1 | 93.10% | +0.10 points |" in text
 
 
 def test_validation_runs_are_kept_apart_from_test_accuracy(script):
