@@ -103,6 +103,7 @@ def test_the_sidecar_carries_the_model_card(run_dir, tmp_path, capsys):
         "fashion-mnist", 79_898, rows[-1]["test_acc"], date)
     assert meta["input"]["stored_size"] == [28, 28] and meta["input"]["shape"] == ["batch", 1, 28, 28]
     assert meta["cam"] is False and meta["class_maps"] is None  # one output unless --cam
+    assert meta["test_accuracy_tta"] is False  # the run scored single forward passes (train.tta off)
     assert "class maps" not in capsys.readouterr().out
 
 

@@ -223,8 +223,28 @@ def test_the_model_card_comes_from_the_run(tiny_run, backend):
     assert card == {"name": "nin28", "version": backend.card["version"], "parameters": 79_898,
                     "dataset": "fashion-mnist", "classes": backend.classes,
                     "input": {"channels": 1, "height": 28, "width": 28}, "test_accuracy": rows[-1]["test_acc"],
-                    "trained": date, "runtime": "torch", "cam": True,
+                    "test_accuracy_tta": False, "trained": date, "runtime": "torch", "cam": True,
                     "batching": {"enabled": False, "max_batch": 7, "max_delay_ms": 5.0}}
+
+
+def test_the_card_says_when_the_run_scored_its_test_accuracy_with_flip_tta(tiny_run, tmp_path):
+    """A run trained with --tta (the fast preset) recorded the accuracy of flip-averaged predictions; a request is
+    one forward pass, so the card says which the accuracy is."""
+    import shutil
+
+    from nin.inference.card import model_card
+    from nin.inference.trained import load_trained
+    from nin.training import checkpoint as ckpt
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir, symlinks=True)
+    meta_file = ckpt.resolve(run_dir) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert model_card(load_trained(run_dir, "cpu"))["test_accuracy_tta"] is False
+    meta["config"]["train"]["tta"] = True
+    meta_file.write_text(json.dumps(meta))
+    card = model_card(load_trained(run_dir, "cpu"))
+    assert card["test_accuracy_tta"] is True and card["test_accuracy"] is not None
 
 
 def test_cam_draws_the_top_class_map_or_returns_the_maps(backend, files):

@@ -40,7 +40,9 @@ def model_card(trained) -> dict[str, Any]:
     return {"name": trained.name, "version": file_version(trained.path / "model.safetensors"),
             "parameters": sum(p.numel() for p in trained.model.parameters()), "dataset": trained.dataset,
             "classes": list(trained.classes), "input": {"channels": channels, "height": height, "width": width},
-            "test_accuracy": accuracy, "trained": date}
+            "test_accuracy": accuracy,
+            # the run scored its test images with flip TTA (train.tta): a single forward pass scores a little lower
+            "test_accuracy_tta": bool(getattr(trained.config.train, "tta", False)), "trained": date}
 
 
 def run_record(checkpoint: Path, *, holdout: bool = False) -> tuple[float | None, str | None]:

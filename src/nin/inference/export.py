@@ -151,7 +151,8 @@ def export(trained, fmt: str, out: str | os.PathLike, inputs: torch.Tensor, tole
                 "output": {"name": "logits", "shape": ["batch", len(trained.classes)]},
                 "class_maps": {"name": "class_maps", "shape": maps_shape} if cam else None,
                 "cam": cam, "dataset": card["dataset"], "parameters": card["parameters"],
-                "test_accuracy": card["test_accuracy"], "trained": card["trained"],
+                "test_accuracy": card["test_accuracy"], "test_accuracy_tta": card["test_accuracy_tta"],
+                "trained": card["trained"],
                 "verified": {"max_abs_diff": diff, "tolerance": tolerance, "batch_sizes": list(sizes)}}
         with open(tmp_meta, "w") as f:
             f.write(json.dumps(meta, indent=1) + "\n")

@@ -158,7 +158,8 @@ class OnnxBackend:
             "name": meta["model"], "version": version, "parameters": meta.get("parameters"),
             "dataset": meta.get("dataset"), "classes": list(self.classes),
             "input": {"channels": self.channels, "height": self.stored_size[0], "width": self.stored_size[1]},
-            "test_accuracy": meta.get("test_accuracy"), "trained": meta.get("trained"), "runtime": self.runtime}
+            "test_accuracy": meta.get("test_accuracy"), "test_accuracy_tta": bool(meta.get("test_accuracy_tta")),
+            "trained": meta.get("trained"), "runtime": self.runtime}
 
     def infer(self, images: np.ndarray, maps: bool) -> tuple[np.ndarray, np.ndarray | None]:
         x = images.astype(np.float32) / np.float32(255.0)

@@ -143,7 +143,8 @@
       ["Classes", classes.length ? `${classes.length}: ${classes.join(", ")}` : null],
       ["Input", input.channels ? `${input.channels} × ${input.height} × ${input.width}` +
         ` (${input.channels === 1 ? "grey" : input.channels === 3 ? "colour" : "channels"})` : null],
-      ["Test accuracy", typeof c.test_accuracy === "number" ? percent(c.test_accuracy) : "unknown"],
+      ["Test accuracy", typeof c.test_accuracy === "number"
+        ? percent(c.test_accuracy) + (c.test_accuracy_tta ? " (with flip TTA)" : "") : "unknown"],
       ["Trained", c.trained || "unknown"],
       ["Runtime", c.runtime],
       ["Class maps", c.cam === undefined ? null : c.cam ? "yes" : "no (this model has none)"],
