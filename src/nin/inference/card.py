@@ -42,7 +42,7 @@ def model_card(trained) -> dict[str, Any]:
             "classes": list(trained.classes), "input": {"channels": channels, "height": height, "width": width},
             "test_accuracy": accuracy,
             # the run scored its test images with flip TTA (train.tta): a single forward pass scores a little lower
-            "test_accuracy_tta": bool(getattr(trained.config.train, "tta", False)), "trained": date}
+            "test_accuracy_tta": trained.config.train.tta, "trained": date}
 
 
 def run_record(checkpoint: Path, *, holdout: bool = False) -> tuple[float | None, str | None]:

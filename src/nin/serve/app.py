@@ -258,12 +258,20 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ClientDisconnect)
     async def gone(request: Request, exc: ClientDisconnect) -> JSONResponse:  # the client's doing, not a fault
-        return JSONResponse({"error": "the client closed the connection before the whole body arrived"}, 400)
+        return JSONResponse({"error": GONE}, 400)
 
     @app.exception_handler(Exception)
-    async def fault(request: Request, exc: Exception) -> JSONResponse:  # a fault of ours: logged, one line out
-        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server's log"}, 500)
+    async def fault(request: Request, exc: Exception) -> JSONResponse:
+        return fault_response(f"{request.method} {request.url.path}", exc)
+
+
+GONE = "the client closed the connection before the whole body arrived"
+
+
+def fault_response(what: str, exc: Exception) -> JSONResponse:
+    """A fault of ours: logged with its traceback, and one JSON line (500) to the client."""
+    log.error("%s failed", what, exc_info=exc)
+    return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server's log"}, 500)
 
 
 def one_line(text: object) -> str:

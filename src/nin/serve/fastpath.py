@@ -20,19 +20,14 @@ metrics apply to it as to every route.
 from __future__ import annotations
 
 import hmac
-import json
-import logging
 
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse
 
 from nin.serve import app as api
 
-log = logging.getLogger("nin.serve")
 ROUTE = "/v1/predict"
-
-
-class ClientGone(Exception):
-    """The client closed the connection before the whole body arrived."""
 
 
 class FastPredict:
@@ -72,22 +67,16 @@ class FastPredict:
         if k is None:
             return await self.app(scope, receive, send)
         try:
-            doc = await api.within(self.answer(receive, k), self.config)
-            status, body, headers = 200, doc, {}
+            response = JSONResponse(await api.within(self.answer(receive, k), self.config))
         except HTTPException as e:
-            status, body, headers = e.status_code, {"error": api.one_line(e.detail)}, dict(e.headers or {})
-        except ClientGone:
-            status, body, headers = 400, {"error": "the client closed the connection before the whole body arrived"}, {}
+            response = JSONResponse({"error": api.one_line(e.detail)}, e.status_code, headers=e.headers)
+        except ClientDisconnect:
+            response = JSONResponse({"error": api.GONE}, 400)
         except api.BodyTooLarge:
             raise  # Guard answers 413
-        except Exception as e:  # a fault of ours: logged, one line out
-            log.error("POST %s failed", ROUTE, exc_info=e)
-            status, body, headers = 500, {"error": f"internal error ({type(e).__name__}); see the server's log"}, {}
-        payload = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
-        raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-               *((k.lower().encode(), v.encode()) for k, v in headers.items())]
-        await send({"type": "http.response.start", "status": status, "headers": raw})
-        await send({"type": "http.response.body", "body": payload})
+        except Exception as e:  # noqa: BLE001  a fault of ours
+            response = api.fault_response(f"POST {ROUTE}", e)
+        await response(scope, receive, send)
 
     async def answer(self, receive, k: int) -> dict:
         with self.batcher.incoming():
@@ -95,7 +84,7 @@ class FastPredict:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    raise ClientGone
+                    raise ClientDisconnect
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body"):
                     break
