@@ -26,7 +26,7 @@ trained() {  # a nin train run (for settings nin bench does not take), kept as a
 case "${1:-}" in
   fast)
     for s in "${seeds[@]}"; do nin bench "${rec[@]}" --preset fast --seed "$s" --targets 0.93,0.94; done
-    for s in "${seeds[@]}"; do nin bench "${rec[@]}" --preset fast --epochs 4 --seed "$s" --targets 0.92,0.93; done ;;
+    for s in "${seeds[@]}"; do nin bench "${rec[@]}" --preset fast --epochs 8 --seed "$s" --targets 0.92,0.93; done ;;
   best)
     for s in "${seeds[@]}"; do nin bench "${rec[@]}" --preset best --seed "$s" --targets 0.94,0.95; done ;;
   validate)
@@ -34,8 +34,7 @@ case "${1:-}" in
   d2l)
     nin bench "${rec[@]}" --preset d2l --targets 0.7,0.77 ;;
   ablate)
-    for change in "" "--epochs 16" "--epochs 20" "--erase 0.5" "--ema 0.999" "--no-flip" "--label-smoothing 0" "--tta" \
-                  "--tta --label-smoothing 0" "--no-flip --label-smoothing 0"; do
+    for change in "" "--seed 1" "--epochs 9" "--epochs 24" "--erase 0.5" "--model nin28_s --epochs 12"; do
       # shellcheck disable=SC2086  # one or two settings: flags and their values
       trained nin train --holdout 5000 --preset fast $change
     done ;;

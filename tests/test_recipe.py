@@ -123,7 +123,7 @@ def test_tta_is_a_flag_and_a_typed_setting():
     from nin.training.config import preset
 
     fast = preset("fast").train
-    assert fast.tta and fast.label_smoothing == 0 and fast.epochs == 12
+    assert fast.tta and fast.label_smoothing == 0 and fast.epochs == 18 and preset("fast").model.name == "nin28"
     assert RunConfig.from_dict({"train": {"tta": True}}).train.tta
     with pytest.raises(NinError, match="train.tta must be bool"):
         RunConfig.from_dict({"train": {"tta": "yes"}})
