@@ -261,9 +261,9 @@ PRESETS: dict[str, RunConfig] = {
         ),
     ),
     # Accuracy for a few minutes of a 2-core bf16 CPU: the default recipe on nin28 for 18 epochs, without label
-    # smoothing and scored with flip TTA; about 2.7 minutes with data loading on a cpu-amx (docs/accuracy.md).
+    # smoothing and scored with flip TTA; about 3.2 minutes with data loading on a cpu-amx (docs/accuracy.md).
     # Chosen on 5,000 held-out training images (the ablation in docs/accuracy.md): at equal time the narrow nin28
-    # trained for more epochs beat the wider nin28_s for fewer, random erasing cost half a point at this length,
+    # trained for more epochs beat the wider nin28_s for fewer, random erasing cost 0.6 points at this length,
     # and label smoothing off plus TTA gave +0.48 points. `--epochs 8` is the 90-second version.
     "fast": RunConfig(train=TrainConfig(epochs=18, label_smoothing=0.0, tta=True)),
     # Accuracy per parameter, not per second: nin28_m (459,594 parameters) for 30 epochs with random crops, flips,

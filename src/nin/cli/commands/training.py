@@ -33,8 +33,8 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("train", help="train a model (default: nin28 on Fashion-MNIST)")
     p.add_argument("--preset", help="recipe to start from: default (nin28, 3 epochs), d2l (the seed's recipe), "
                                     "nin-cifar10 (the paper's CIFAR-10 network and recipe), fast (nin28 for 18 "
-                                    "epochs, about 94%% in 3 minutes on a 2-core bf16 CPU) or best (accuracy first); "
-                                    "see docs/accuracy.md")
+                                    "epochs, about 93.9%% in 3.2 minutes on a 2-core bf16 CPU) or best (accuracy "
+                                    "first); see docs/accuracy.md")
     p.add_argument("--config", type=_path, metavar="FILE",
                    help="settings from a TOML, YAML or JSON file (a run's config.json "
                         "repeats that run); flags given here override it")
