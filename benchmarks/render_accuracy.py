@@ -173,9 +173,21 @@ def chapter_section(records: list[dict[str, Any]]) -> list[str]:
 ABLATION_BASE = "nin train --holdout 5000 --preset fast"
 
 
+def _todays_preset() -> tuple:
+    """The recipe ``ABLATION_BASE`` stands for today (the preset may have changed since older rows were run)."""
+    from nin.training.config import override, preset
+
+    return _recipe(override(preset("fast"), {"data.holdout": 5000}).to_dict())
+
+
 def ablation_section(records: list[dict[str, Any]]) -> list[str]:
     """The fast preset on held-out images with one setting changed at a time, beside the preset itself run on the
-    same machine kind: what each technique gives at that length (``bash benchmarks/accuracy.sh ablate``)."""
+    same machine kind: what each technique gives at that length (``bash benchmarks/accuracy.sh ablate``).
+
+    A base is a run of the preset as it was when it ran (no change) or as it is today (a change that gives
+    today's recipe, from before the preset became it); each other row is measured against the base whose
+    settings are closest, named in its last column when the preset changed between its runs."""
+    today = _todays_preset()
     by_kind: dict[str, dict[tuple[str, tuple], list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for rec in records:
         command = _seedless(rec["command"]).strip()
@@ -184,9 +196,15 @@ def ablation_section(records: list[dict[str, Any]]) -> list[str]:
             by_kind[rec["machine"].get("kind", "unknown")][(change, _recipe(rec["result"]["config"]))].append(rec)
     out = []
     for kind, changes in sorted(by_kind.items()):
-        bases = {recipe: recs for (change, recipe), recs in changes.items() if not change}
+        bases = {}  # recipe -> (how the table names it, its runs)
+        for (change, recipe), recs in changes.items():
+            if not change or recipe == today:
+                name = f"`{change}`, today's preset" if change else "the preset"
+                bases.setdefault(recipe, (name, []))[1].extend(recs)
         if not bases:
             continue  # no baseline on this machine kind to compare with
+        if any(name != "the preset" for name, _ in bases.values()):  # the preset changed since those runs
+            bases = {r: ("the preset then" if name == "the preset" else name, recs) for r, (name, recs) in bases.items()}
         labels = dict(zip(bases, _differences(list(bases))))  # the preset changed between its runs: which is which
         out += [f"On {kind} (`{ABLATION_BASE}` plus the change, against the run of the preset whose settings are "
                 "closest):", "",
@@ -194,13 +212,23 @@ def ablation_section(records: list[dict[str, Any]]) -> list[str]:
                 "| --- | ---: | ---: | ---: | --- |"]
         for (change, recipe), recs in sorted(changes.items(), key=lambda kv: (kv[0][0] != "", kv[1][0]["recorded"])):
             finals = [r["result"]["epochs"][-1]["test_acc"] for r in recs]
-            closest = min(bases, key=lambda b: len(set(b) ^ set(recipe)))
-            base = statistics.mean(r["result"]["epochs"][-1]["test_acc"] for r in bases[closest])
-            delta = 100 * (statistics.mean(finals) - base)
             files = ", ".join(f"[{i + 1}](../benchmarks/results/{r['file']})" for i, r in enumerate(recs))
-            shown = f"`{change}`" if change else f"none (the preset{labels[recipe]})"
-            out.append(f"| {shown} | {recs[0]['result']['epochs'][-1]['epoch']} | {_acc(finals)} | "
-                       f"{f'{delta:+.2f} points' if change else '-'} | {files} |")
+            if not change or recipe == today:
+                name, _ = bases[recipe]
+                settings = f": {labels[recipe].strip()[1:-1]}" if labels[recipe] and not change else ""
+                shown = f"none ({name}{settings})" if not change else f"`{change}` ({name.split(', ')[1]})"
+                against = "-"
+            else:
+                closest = min(bases, key=lambda b: len(set(b) ^ set(recipe)))
+                base = statistics.mean(r["result"]["epochs"][-1]["test_acc"] for r in bases[closest][1])
+                shown = f"`{change}`"
+                against = f"{100 * (statistics.mean(finals) - base):+.2f} points"
+                if len(bases) > 1:  # which base: by name, and by its settings where names repeat
+                    name = bases[closest][0].split(", ")[0]
+                    repeated = sum(n.split(", ")[0] == name for n, _ in bases.values()) > 1
+                    against += f" (vs {name}{': ' + labels[closest].strip()[1:-1] if repeated else ''})"
+            out.append(f"| {shown} | {recs[0]['result']['epochs'][-1]['epoch']} | {_acc(finals)} | {against} | "
+                       f"{files} |")
         out.append("")
     return out or ["No ablation run is recorded yet.", ""]
 
