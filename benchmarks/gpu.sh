@@ -25,34 +25,9 @@ case "${1:-}" in
   --dry-run) DRY=1 ;;
   *) echo "usage: OUT=DIR bash benchmarks/gpu.sh [--dry-run]" >&2; exit 2 ;;
 esac
-OUT=${OUT:-runs/gpu-$(date +%Y%m%d-%H%M%S)}
-PY=${PYTHON:-python3}
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if [ -z "${NIN_DATA_DIR:-}" ] && [ -e .data/fashion-mnist/train-images-idx3-ubyte.gz ]; then
-  export NIN_DATA_DIR="$PWD/.data/fashion-mnist"
-fi
-
-if [ "$DRY" = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  echo "gpu.sh: no CUDA GPU here ($("$PY" -c 'import torch; print("torch", torch.__version__)' 2>&1 | tail -1));" \
-       "nothing to measure. --dry-run runs the same steps on the CPU at toy sizes." >&2
-  exit 2
-fi
-mkdir -p "$OUT/records" || exit 2
-LOG="$OUT/gpu.log"
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/nin-gpu-XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
-: > "$LOG"
-failed=()
-
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log it, remember a failure, go on
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  echo "== $name: $*" | tee -a "$LOG"
-  timeout --signal=TERM --kill-after=20 "$limit" "$@" >> "$LOG" 2>&1
-  local rc=$?
-  echo "== $name: exit $rc after $(( SECONDS - t0 )) s" | tee -a "$LOG"
-  [ "$rc" = 0 ] || failed+=("$name (exit $rc)")
-}
+NAME=gpu.sh
+# shellcheck source=benchmarks/gpu_common.sh
+source benchmarks/gpu_common.sh
 
 if [ "$DRY" = 1 ]; then
   dev=cpu
@@ -78,9 +53,4 @@ if [ -e "$WORK/d2l/metrics.jsonl" ]; then
   [ -e "$WORK/d2l-model.$fmt.json" ] && cp "$WORK/d2l-model.$fmt.json" "$OUT/export.json"
 fi
 
-tar -czf "$OUT/gpu-out.tar.gz" -C "$OUT" --exclude gpu-out.tar.gz . 2>> "$LOG"
-if [ ${#failed[@]} -gt 0 ]; then
-  printf 'gpu.sh: failed: %s\n' "${failed[@]}" | tee -a "$LOG" >&2
-  exit 1
-fi
-echo "gpu.sh: every step passed; results in $OUT" | tee -a "$LOG"
+finish

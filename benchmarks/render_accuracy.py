@@ -204,7 +204,8 @@ def ablation_section(records: list[dict[str, Any]]) -> list[str]:
         if not bases:
             continue  # no baseline on this machine kind to compare with
         if any(name != "the preset" for name, _ in bases.values()):  # the preset changed since those runs
-            bases = {r: ("the preset then" if name == "the preset" else name, recs) for r, (name, recs) in bases.items()}
+            bases = {r: ("the preset then" if name == "the preset" else name, recs)
+                     for r, (name, recs) in bases.items()}
         labels = dict(zip(bases, _differences(list(bases))))  # the preset changed between its runs: which is which
         out += [f"On {kind} (`{ABLATION_BASE}` plus the change, against the run of the preset whose settings are "
                 "closest):", "",
@@ -248,10 +249,11 @@ def render(records: list[dict[str, Any]]) -> str:
              "## Runs", "", *HEADER, *rows(records, holdout=False), "",
              "\\* other jobs shared the cores during the run: the time is not the machine's speed (the record's note "
              "says more).", "",
-             "`lenet` is d2l's LeNet-5 (sigmoid, average pooling), once with the chapter series' own recipe (lr 0.9,",
-             "batch 256, 10 epochs, inputs not normalized) and once with `nin train`'s default recipe. d2l's AlexNet and",
-             "VGG-11 baselines (`alexnet`, `vgg11`: 46.8 M and 128.8 M parameters at 224x224) have not been trained here:",
-             "they need a GPU (`nin profile alexnet` counts what a step costs).", "",
+             "`lenet` is d2l's LeNet-5 (sigmoid, average pooling), once with the chapter series' own recipe",
+             "(lr 0.9, batch 256, 10 epochs, inputs not normalized) and once with `nin train`'s default recipe.",
+             "d2l's AlexNet and VGG-11 baselines (`alexnet`, `vgg11`: 46.8 M and 128.8 M parameters at 224x224)",
+             "have not been trained here: they need a GPU (`nin profile alexnet` counts what a step costs;",
+             "`bash benchmarks/gpu_accuracy.sh chapter` trains them on one, with the chapter's recipe).", "",
              "## The chapter's recipe (`--preset d2l`), epoch by epoch", "",
              "Its own printout after 10 epochs is `loss 0.563, train acc 0.783, test acc 0.772` (on a GPU);",
              "a reader's note in the chapter's notes says lr 0.1 blows up in later epochs and lr 0.04 over 20 epochs",

@@ -55,7 +55,8 @@ SECTIONS: dict[str, type] = {"bench": BenchConfig, "bench.train": TrainConfig, "
 
 #: The benchmark's settings that time to accuracy takes too, with the setting of the run each one changes.
 AS_RUN = {"bench.device": "device", "bench.data_dir": "data.data_dir", "tta.epochs": "train.epochs",
-          "tta.subset": "data.subset", "tta.seed": "seed", "tta.holdout": "data.holdout", **{f"bench.train.{s}": f"train.{s}" for s in SPEED}}
+          "tta.subset": "data.subset", "tta.seed": "seed", "tta.holdout": "data.holdout",
+          **{f"bench.train.{s}": f"train.{s}" for s in SPEED}}
 
 
 def _in(section: str, given: Mapping[str, Any]) -> dict[str, Any]:

@@ -84,8 +84,8 @@ class TorchBackend:
     def __init__(self, path: str | os.PathLike, config) -> None:
         import torch
 
-        from nin.inference.card import model_card
         from nin.inference.cam import check_cam_model
+        from nin.inference.card import model_card
         from nin.inference.trained import load_trained
 
         torch.set_num_threads(config.threads or serving_threads())
