@@ -27,8 +27,7 @@ def test_gpu_accuracy_without_a_known_suite_prints_its_usage(tmp_path, args):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
-@pytest.mark.parametrize("name,args", [("gpu.sh", ()), ("gpu_accuracy.sh", ("chapter",)),
-                                       ("gpu_accuracy.sh", ("best",))])
+@pytest.mark.parametrize("name,args", [("gpu.sh", ()), ("gpu_accuracy.sh", ("best",))])
 def test_without_a_gpu_they_say_so_and_make_nothing(tmp_path, name, args):
     r = script(name, *args, out=tmp_path / "out")
     lines = r.stderr.strip().splitlines()

@@ -67,10 +67,10 @@ def test_scores_each_view_set_and_ensembles(views, runs, capsys):
 
 
 def test_refuses_runs_it_cannot_compare_with_one_line(views, runs, tiny_run, capsys):
-    assert views["main"]([str(runs[0]), str(runs[1])]) == 2  # 300 held out, then 200
+    assert views["main"]([str(runs[0]), str(runs[1]), "--views", "none"]) == 2  # 300 held out, then 200
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not the first run's" in err and "Traceback" not in err
-    assert views["main"]([str(tiny_run)]) == 2  # trained without --holdout: the test set is never scored
+    assert views["main"]([str(tiny_run), "--views", "none"]) == 2  # no --holdout: the test set is never scored
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not trained with --holdout" in err
     assert views["main"]([str(runs[0]), "--views", "flip,upside-down"]) == 2
