@@ -146,13 +146,18 @@ CHAPTER = {"train_loss": 0.563, "train_acc": 0.783, "test_acc": 0.772}
 
 
 def chapter_section(records: list[dict[str, Any]]) -> list[str]:
-    """Each run of the chapter's model (nin_d2l) epoch by epoch, beside the chapter's printed figures."""
-    out = []
+    """The runs of the chapter's model (nin_d2l) side by side, then each epoch by epoch, beside the chapter's
+    printed figures."""
+    out, summary = [], []
     for rec in records:
         cfg = rec["result"].get("config", {})
         if rec["what"] != "time-to-accuracy" or cfg.get("model", {}).get("name") != "nin_d2l":
             continue
         t = cfg.get("train", {})
+        accs = {e["epoch"]: e["test_acc"] for e in rec["result"]["epochs"]}
+        at10 = f"{accs[10]:.3f}" if 10 in accs else "-"
+        summary.append(f"| `{_seedless(rec['command'])}` | {rec['machine'].get('kind', 'unknown')} | {t.get('lr')} | "
+                       f"{len(accs)} | {at10} | {max(accs.values()):.3f} | {accs[max(accs)]:.3f} |")
         out += [f"`{_seedless(rec['command'])}` on {rec['machine'].get('kind', 'unknown')}: lr {t.get('lr')}, batch "
                 f"{t.get('batch_size')}, precision {t.get('amp')} ([record](../benchmarks/results/{rec['file']}))"
                 + (f". {rec['source']}" if rec.get("source") else "."), "",
@@ -166,7 +171,12 @@ def chapter_section(records: list[dict[str, Any]]) -> list[str]:
                        f"{'-' if ips is None else f'{ips:,.0f}'} | {e['seconds']:,.0f} s |")
         out += [f"| the chapter, after 10 | {CHAPTER['train_loss']} | {CHAPTER['train_acc']} | {CHAPTER['test_acc']} "
                 "| 3,192.9 (a GPU) | - |", ""]
-    return out or ["No run of the chapter's recipe is recorded yet.", ""]
+    if not summary:
+        return ["No run of the chapter's recipe is recorded yet.", ""]
+    return ["| run | machine | lr | epochs | test acc after 10 | best test acc | last test acc |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |", *summary,
+            f"| the chapter's printout | a GPU | 0.1 | 10 | {CHAPTER['test_acc']} | - | {CHAPTER['test_acc']} |", "",
+            *out]
 
 
 #: The recipe the ablation table changes one setting of, as its validation runs are recorded.

@@ -106,6 +106,20 @@ def test_the_chapters_runs_are_shown_epoch_by_epoch_beside_its_figures(script):
     rec = record("nin train --preset d2l", [0.21, 0.42], model="nin_d2l")
     text = script["render"]([rec])
     assert "| 2 | - | - | 0.420 |" in text and "| the chapter, after 10 | 0.563 | 0.783 | 0.772 |" in text
+    assert "| `nin train --preset d2l` | cpu-test | None | 2 | - | 0.420 | 0.420 |" in text  # not 10 epochs yet
+
+
+def test_the_chapters_runs_are_compared_side_by_side(script):
+    d2l = record("nin train --preset d2l", [0.2 + 0.05 * i for i in range(10)], model="nin_d2l", lr=0.1)
+    reader = record("nin train --preset d2l --lr 0.04 --epochs 20", [0.1] + [0.6 + 0.01 * i for i in range(19)],
+                    model="nin_d2l", lr=0.04)
+    text = script["render"]([d2l, reader])
+    rows = [line for line in text.splitlines() if line.startswith("| `nin train --preset d2l")]
+    assert rows[:2] == [
+        "| `nin train --preset d2l` | cpu-test | 0.1 | 10 | 0.650 | 0.650 | 0.650 |",
+        "| `nin train --preset d2l --lr 0.04 --epochs 20` | cpu-test | 0.04 | 20 | 0.680 | 0.780 | 0.780 |"]
+    assert "| the chapter's printout | a GPU | 0.1 | 10 | 0.772 | - | 0.772 |" in text
+    assert script["render"]([]).count("No run of the chapter's recipe is recorded yet.") == 1
 
 
 @pytest.mark.slow
