@@ -52,6 +52,7 @@ def runs(tmp_path_factory, fashion_mnist):
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_scores_each_view_set_and_ensembles(views, runs, capsys):
     run = str(runs[0])
     assert views["main"]([run, run, "--views", "none,flip,flip+x1", "--threads", "1"]) == 0
@@ -66,6 +67,7 @@ def test_scores_each_view_set_and_ensembles(views, runs, capsys):
     assert out[3] == f"ensemble (flip) of {run} + {run}: {cells[3]}"  # a run averaged with itself is itself
 
 
+@pytest.mark.slow
 def test_refuses_runs_it_cannot_compare_with_one_line(views, runs, tiny_run, capsys):
     assert views["main"]([str(runs[0]), str(runs[1]), "--views", "none"]) == 2  # 300 held out, then 200
     err = capsys.readouterr().err
