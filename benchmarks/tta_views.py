@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = ap.parse_args(argv)
     views = [v.strip() for v in args.views.split(",") if v.strip()]
+    if not views:
+        print(f"tta_views: --views names no view set (choose from {', '.join(VIEWS)})", file=sys.stderr)
+        return 2
     if unknown := [v for v in views if v not in VIEWS]:
         print(f"tta_views: unknown view set {unknown[0]!r} (choose from {', '.join(VIEWS)})", file=sys.stderr)
         return 2

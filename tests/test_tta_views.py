@@ -77,5 +77,10 @@ def test_refuses_runs_it_cannot_compare_with_one_line(views, runs, tiny_run, cap
     assert err.count("\n") == 1 and "not trained with --holdout" in err
     assert views["main"]([str(runs[0]), "--views", "flip,upside-down"]) == 2
     assert "unknown view set 'upside-down'" in capsys.readouterr().err
+    assert views["main"]([str(runs[0]), "--views", " , "]) == 2
+    assert "--views names no view set" in capsys.readouterr().err
+    assert views["main"]([str(runs[0].parent / "no-such-run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("tta_views: ") and "Traceback" not in err
     assert views["main"]([str(runs[0]), "--ensembles", "0"]) == 2
     assert "--ensembles must be at least 1" in capsys.readouterr().err
