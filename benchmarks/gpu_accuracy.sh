@@ -57,10 +57,10 @@ case "$SUITE" in
     trained alexnet 90 train --preset d2l --model alexnet --lr 0.01 "${small[@]}"
     trained vgg11 180 train --preset d2l --model vgg11 --lr 0.05 "${small[@]}" ;;
   best)
+    if [ "$DRY" = 1 ]; then bench=(--epochs 1 --subset 512); else bench=(); fi
     for s in 0 1 2; do
-      if [ "$DRY" = 1 ]; then seeds=(--epochs 1 --subset 512); else seeds=(); fi
       step "best-seed$s" 120 "$PY" -m nin bench --device "$dev" --time-to-accuracy --preset best --seed "$s" \
-        --targets 0.94,0.95 --record "$OUT/records" "${seeds[@]}"
+        --targets 0.94,0.95 --record "$OUT/records" "${bench[@]}"
     done
     trained best-l-60 150 train --holdout 5000 --preset best --model nin28_l --epochs 60 ;;
 esac

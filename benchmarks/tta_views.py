@@ -29,9 +29,11 @@ sys.path.insert(0, str(ROOT / "src"))
 from nin.analysis.doctor import fingerprint  # noqa: E402
 from nin.errors import NinError  # noqa: E402
 from nin.inference.trained import load_trained  # noqa: E402
+from nin.inference.tta import tta_probabilities  # noqa: E402
 from nin.training.run import build  # noqa: E402
 
-#: View sets: (mirrored, dx, dy) for each view averaged.
+#: View sets: (mirrored, dx, dy) for each view averaged. ``flip`` is scored by nin's own ``--tta``
+#: (:func:`nin.inference.tta.tta_probabilities`), the set every other one is compared with.
 VIEWS = {
     "none": [(0, 0, 0)],
     "flip": [(0, 0, 0), (1, 0, 0)],
@@ -64,7 +66,8 @@ def holdout_probs(run: str, views: list[str]) -> tuple[dict[str, torch.Tensor], 
         for x, y in loader:
             out = {v: trained.model(view(x, *v)).float().softmax(1) for v in needed}
             for name in views:
-                sums[name].append(sum(out[v] for v in VIEWS[name]) / len(VIEWS[name]))
+                sums[name].append(tta_probabilities(trained.model, x) if name == "flip"
+                                  else sum(out[v] for v in VIEWS[name]) / len(VIEWS[name]))
             labels.append(y)
     return {name: torch.cat(p) for name, p in sums.items()}, torch.cat(labels), holdout
 
