@@ -88,11 +88,12 @@ def _model_costs(cfg: dict[str, Any], cache: dict) -> tuple[int, int]:
     from nin.models import create_model
 
     model_cfg = cfg.get("model", {})
-    key = (model_cfg.get("name"), tuple(sorted((model_cfg.get("options") or {}).items())))
+    resize = (cfg.get("data") or {}).get("resize")  # the size it was fed: part of the MACs
+    key = (model_cfg.get("name"), tuple(sorted((model_cfg.get("options") or {}).items())), resize)
     if key not in cache:
         options = dict(model_cfg.get("options") or {})
-        if cfg.get("data", {}).get("resize"):
-            options["input_size"] = (cfg["data"]["resize"],) * 2
+        if resize:
+            options["input_size"] = (resize,) * 2
         prof = profile_model(create_model(key[0], **options), batch=1)
         cache[key] = (prof.params, prof.macs)
     return cache[key]

@@ -48,6 +48,16 @@ def test_seeds_of_one_command_are_one_row_with_mean_and_sample_std(script):
     assert "| 116,138 | 9.92 M |" not in rows[0] and "| 79,898 | 6.13 M |" in rows[0]  # nin28's own counts
 
 
+def test_a_run_fed_larger_images_counts_the_macs_at_that_size(script):
+    """The same model fed 32x32 images does (32/28)^2 the work of its 28x28 run, whatever row came first."""
+    plain = record("nin train --holdout 5000 --preset fast", [0.94], holdout=5000)
+    larger = record("nin train --holdout 5000 --preset fast --resize 32", [0.936], holdout=5000)
+    larger["result"]["config"]["data"]["resize"] = 32
+    rows = script["rows"]([plain, larger], holdout=True)
+    assert len(rows) == 2
+    assert "| 6.13 M |" in rows[0] and "| 6.13 M |" not in rows[1] and "| 8.01 M |" in rows[1]  # 8,007,680
+
+
 def test_one_command_that_stood_for_two_recipes_is_two_rows_that_say_which(script):
     """A preset changed between runs (here: --preset fast before and after it evaluated with flip TTA): its runs
     are not averaged together, and each row names the setting that sets it apart; a record from before a setting
