@@ -151,3 +151,15 @@ def test_record_run_refuses_a_folder_that_is_not_a_finished_run(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith("record_run: ") and "not a finished run directory" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_the_page_says_which_224_baselines_were_trained_and_which_were_not(script):
+    assert any("AlexNet (`alexnet`" in line and "VGG-11 (`vgg11`" in line and "have not been trained" in line
+               for line in script["baselines_224"]([]))
+    held_out = record("nin train --preset d2l --model alexnet --holdout 5000", [0.88], model="alexnet", holdout=5000)
+    assert not any("`alexnet` is d2l's AlexNet" in line for line in script["baselines_224"]([held_out]))
+    alexnet = record("nin train --preset d2l --model alexnet --lr 0.01", [0.73, 0.88], model="alexnet")
+    lines = script["baselines_224"]([alexnet])
+    assert any("`alexnet` is d2l's AlexNet" in line for line in lines)
+    assert any("VGG-11 (`vgg11`, 128.8 M parameters) has not been trained" in line for line in lines)
+    assert not any("AlexNet (`alexnet`" in line for line in lines)
