@@ -252,8 +252,8 @@ BASELINES_224 = {"alexnet": ("AlexNet", "46.8 M"), "vgg11": ("VGG-11", "128.8 M"
 def baselines_224(records: list[dict[str, Any]]) -> list[str]:
     """What the page says of the AlexNet and VGG-11 baselines: which were trained here (on the test set), and
     what it takes to train the others."""
-    trained = {((r["result"].get("config") or {}).get("model") or {}).get("name") for r in records
-               if r["what"] == "time-to-accuracy" and not (r["result"].get("config") or {}).get("data", {}).get("holdout")}
+    configs = [r["result"].get("config") or {} for r in records if r["what"] == "time-to-accuracy"]
+    trained = {(c.get("model") or {}).get("name") for c in configs if not (c.get("data") or {}).get("holdout")}
     done = [n for n in BASELINES_224 if n in trained]
     missing = [n for n in BASELINES_224 if n not in trained]
     lines = []
