@@ -1,4 +1,4 @@
-"""benchmarks/gpu.sh and gpu_accuracy.sh refuse what they cannot run with one line and exit 2. Their steps run
+"""benchmarks/gpu.sh, gpu_accuracy.sh and accuracy.sh refuse what they cannot run with one line and exit 2. Their
 for real on a GPU (or at toy sizes on the CPU with --dry-run, which takes minutes: not part of this suite)."""
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ def test_gpu_accuracy_without_a_known_suite_prints_its_usage(tmp_path, args):
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "usage: OUT=DIR bash benchmarks/gpu_accuracy.sh chapter|best [--dry-run]"]
     assert not (tmp_path / "out").exists()  # nothing was made
+
+
+@pytest.mark.parametrize("args", [(), ("everything",)])
+def test_accuracy_sh_without_a_known_case_prints_its_usage_before_running_anything(tmp_path, args):
+    r = script("accuracy.sh", *args, out=tmp_path / "out")
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.strip().splitlines() == [
+        "usage: bash benchmarks/accuracy.sh fast|best|validate|d2l|d2l-reader|ablate|baselines|alexnet"]
 
 
 @pytest.mark.parametrize("name,args", [("gpu.sh", ()), ("gpu_accuracy.sh", ("best",))])
