@@ -1,5 +1,6 @@
-"""benchmarks/gpu.sh, gpu_accuracy.sh and accuracy.sh refuse what they cannot run with one line and exit 2. Their
-for real on a GPU (or at toy sizes on the CPU with --dry-run, which takes minutes: not part of this suite)."""
+"""benchmarks/gpu.sh, gpu_accuracy.sh and accuracy.sh refuse what they cannot run with one line and exit 2. The
+GPU scripts' steps run for real on a GPU (or at toy sizes on the CPU with --dry-run, which takes minutes:
+not part of this suite)."""
 
 from __future__ import annotations
 
