@@ -263,10 +263,10 @@ def baselines_224(records: list[dict[str, Any]]) -> list[str]:
                      "epochs) at its own chapter's learning rate.")
     if missing:
         names = " and ".join(f"{BASELINES_224[n][0]} (`{n}`, {BASELINES_224[n][1]} parameters)" for n in missing)
-        verb = "has" if len(missing) == 1 else "have"
+        verb, them = ("has", "it") if len(missing) == 1 else ("have", "them")
         lines.append(f"d2l's {names} {verb} not been trained here: at 224x224 each epoch takes tens of minutes to "
                      f"hours on a 2-core CPU (`nin profile {missing[0]}` counts what a step costs; "
-                     "`bash benchmarks/gpu_accuracy.sh chapter` trains them on a GPU with the chapter's recipe).")
+                     f"`bash benchmarks/gpu_accuracy.sh chapter` trains {them} on a GPU with the chapter's recipe).")
     return lines
 
 
