@@ -47,7 +47,8 @@ case "${1:-}" in
     for change in "" "--seed 1" "--epochs 9" "--epochs 24" "--erase 0.5" "--model nin28_s --epochs 12" "--whiten" \
                   "--crop-padding 1" "--batch-size 64 --lr 0.1" "--warmup 0.1" \
                   "--dropout 0.1" "--dropout 0.1 --seed 1" "--mlp-layers 2" "--mlp-layers 2 --seed 1" \
-                  "--resize 32" "--resize 32 --seed 1"; do
+                  "--resize 32" "--resize 32 --seed 1" "--label-smoothing 0.1" "--label-smoothing 0.1 --seed 1" \
+                  "--no-flip" "--no-flip --seed 1"; do
       # shellcheck disable=SC2086  # one or two settings: flags and their values
       trained nin train --holdout 5000 --preset fast $change
     done ;;
