@@ -12,8 +12,8 @@
 #   bash benchmarks/accuracy.sh d2l-reader # a reader's variant of it: lr 0.04 for 20 epochs (1.5 h on a bf16 CPU)
 #   bash benchmarks/accuracy.sh ablate     # the fast preset, then with one or two settings changed (--holdout 5000)
 #   bash benchmarks/accuracy.sh baselines  # d2l's LeNet with the chapter series' own recipe, and with ours
-#   bash benchmarks/accuracy.sh alexnet    # d2l's AlexNet, the chapter's recipe at lr 0.01 (about 75 minutes
-#                                          # on a 2-core bf16 CPU; checkpointed, resume with nin train --resume)
+#   bash benchmarks/accuracy.sh alexnet    # d2l's AlexNet, the chapter's recipe at lr 0.01 (about 5 minutes an
+#                                          # epoch on a 2-core bf16 CPU; checkpointed, resume with nin train --resume)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rec=(--time-to-accuracy --record benchmarks/results)

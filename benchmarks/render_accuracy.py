@@ -253,20 +253,20 @@ def baselines_224(records: list[dict[str, Any]]) -> list[str]:
     """What the page says of the AlexNet and VGG-11 baselines: which were trained here (on the test set), and
     what it takes to train the others."""
     configs = [r["result"].get("config") or {} for r in records if r["what"] == "time-to-accuracy"]
-    trained = {(c.get("model") or {}).get("name") for c in configs if not (c.get("data") or {}).get("holdout")}
-    done = [n for n in BASELINES_224 if n in trained]
+    trained: dict[str, set[str]] = defaultdict(set)  # model -> "lr X for N epochs" of each test-set run
+    for c in configs:
+        train = c.get("train") or {}
+        if not (c.get("data") or {}).get("holdout"):
+            trained[(c.get("model") or {}).get("name")].add(f"lr {train.get('lr')} for {train.get('epochs')} epochs")
+    lines = [f"`{n}` is d2l's {BASELINES_224[n][0]} at 224x224 ({', '.join(sorted(trained[n]))}; the recipe in "
+             "its row's command)." for n in BASELINES_224 if n in trained]
     missing = [n for n in BASELINES_224 if n not in trained]
-    lines = []
-    if done:
-        lines.append(" and ".join(f"`{n}` is d2l's {BASELINES_224[n][0]}" for n in done)
-                     + ", trained with the chapter's recipe (`--preset d2l`: 224x224, batch 128, plain SGD, 10 "
-                     "epochs) at its own chapter's learning rate.")
     if missing:
         names = " and ".join(f"{BASELINES_224[n][0]} (`{n}`, {BASELINES_224[n][1]} parameters)" for n in missing)
         verb, them = ("has", "it") if len(missing) == 1 else ("have", "them")
-        lines.append(f"d2l's {names} {verb} not been trained here: at 224x224 each epoch takes tens of minutes to "
-                     f"hours on a 2-core CPU (`nin profile {missing[0]}` counts what a step costs; "
-                     f"`bash benchmarks/gpu_accuracy.sh chapter` trains {them} on a GPU with the chapter's recipe).")
+        lines.append(f"d2l's {names} {verb} not been trained here (`nin profile {missing[0]}` counts what a step "
+                     f"costs; `bash benchmarks/gpu_accuracy.sh chapter` trains {them} on a GPU with the chapter's "
+                     "recipe).")
     return lines
 
 

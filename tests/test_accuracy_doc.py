@@ -158,8 +158,9 @@ def test_the_page_says_which_224_baselines_were_trained_and_which_were_not(scrip
                for line in script["baselines_224"]([]))
     held_out = record("nin train --preset d2l --model alexnet --holdout 5000", [0.88], model="alexnet", holdout=5000)
     assert not any("`alexnet` is d2l's AlexNet" in line for line in script["baselines_224"]([held_out]))
-    alexnet = record("nin train --preset d2l --model alexnet --lr 0.01", [0.73, 0.88], model="alexnet")
+    alexnet = record("nin train --preset d2l --model alexnet --lr 0.01", [0.73, 0.88], model="alexnet", lr=0.01)
     lines = script["baselines_224"]([alexnet])
     assert any("`alexnet` is d2l's AlexNet" in line for line in lines)
+    assert any("lr 0.01 for 2 epochs" in line for line in lines)  # what the record trained, not a fixed sentence
     assert any("VGG-11 (`vgg11`, 128.8 M parameters) has not been trained" in line for line in lines)
     assert not any("AlexNet (`alexnet`" in line for line in lines)
