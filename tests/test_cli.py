@@ -190,7 +190,7 @@ def test_d2l_preset_is_the_seed_recipe():
 
 @pytest.mark.slow
 def test_d2l_preset_runs_and_prints_the_seed_summary(capsys, tmp_path, fashion_mnist):
-    code, out, err = run(capsys, "train", "--preset", "d2l", "--subset", "128", "--test-subset", "64",
+    code, out, err = run(capsys, "train", "--preset", "d2l", "--subset", "64", "--test-subset", "32",
                          "--batch-size", "64", "--epochs", "1", "--out", str(tmp_path / "d2l"), "--quiet")
     assert code == 0, err
     lines = out.splitlines()

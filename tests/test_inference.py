@@ -31,7 +31,8 @@ def with_stats(model: nn.Module, seed: int = 0) -> nn.Module:
 @pytest.mark.parametrize("name", list_models())
 def test_folded_model_gives_the_same_outputs(name, one_thread):
     torch.manual_seed(0)
-    model = with_stats(create_model(name, batch_norm=True)).train()
+    # VGG-11 at d2l's quarter width: folding is the same algebra per layer at any width, at 1/16 of the MACs
+    model = with_stats(create_model(name, batch_norm=True, **({"width": 0.25} if name == "vgg11" else {}))).train()
     c, h, w = model.input_size
     x = torch.randn(2, c, min(h, 96), min(w, 96)) if name == "nin_d2l" else torch.randn(2, c, h, w)
     folded = fold_batchnorm(model)
