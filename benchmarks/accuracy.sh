@@ -14,13 +14,15 @@
 #   bash benchmarks/accuracy.sh baselines  # d2l's LeNet with the chapter series' own recipe, and with ours
 #   bash benchmarks/accuracy.sh alexnet    # d2l's AlexNet, the chapter's recipe at lr 0.01 (about 5 minutes an
 #                                          # epoch on a 2-core bf16 CPU; checkpointed, resume with nin train --resume)
+#   bash benchmarks/accuracy.sh vgg11      # d2l's VGG-11 at a quarter of its width, as the chapter trains it
+#                                          # (lr 0.05); checkpointed like alexnet
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rec=(--time-to-accuracy --record benchmarks/results)
 seeds=(0 1 2)
 case "${1:-}" in
-  fast|best|validate|d2l|d2l-reader|ablate|baselines|alexnet) ;;
-  *) echo "usage: bash benchmarks/accuracy.sh fast|best|validate|d2l|d2l-reader|ablate|baselines|alexnet" >&2
+  fast|best|validate|d2l|d2l-reader|ablate|baselines|alexnet|vgg11) ;;
+  *) echo "usage: bash benchmarks/accuracy.sh fast|best|validate|d2l|d2l-reader|ablate|baselines|alexnet|vgg11" >&2
      exit 2 ;;
 esac
 nin doctor --no-measure | head -3
@@ -62,5 +64,7 @@ case "${1:-}" in
     done ;;
   alexnet)
     trained nin train --preset d2l --model alexnet --lr 0.01 --amp auto --checkpoint-every 500 ;;
+  vgg11)
+    trained nin train --preset d2l --model vgg11 --width 0.25 --lr 0.05 --amp auto --checkpoint-every 500 ;;
 esac
 python3 benchmarks/render_accuracy.py

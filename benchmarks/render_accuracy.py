@@ -257,7 +257,10 @@ def baselines_224(records: list[dict[str, Any]]) -> list[str]:
     for c in configs:
         train = c.get("train") or {}
         if not (c.get("data") or {}).get("holdout"):
-            trained[(c.get("model") or {}).get("name")].add(f"lr {train.get('lr')} for {train.get('epochs')} epochs")
+            model = c.get("model") or {}
+            width = (model.get("options") or {}).get("width")
+            at = f" at width {width:g}" if width not in (None, 1) else ""  # d2l trains VGG-11 at a quarter
+            trained[model.get("name")].add(f"lr {train.get('lr')} for {train.get('epochs')} epochs{at}")
     lines = [f"`{n}` is d2l's {BASELINES_224[n][0]} at 224x224 ({', '.join(sorted(trained[n]))}; the recipe in "
              "its row's command)." for n in BASELINES_224 if n in trained]
     missing = [n for n in BASELINES_224 if n not in trained]

@@ -164,3 +164,14 @@ def test_the_page_says_which_224_baselines_were_trained_and_which_were_not(scrip
     assert any("lr 0.01 for 2 epochs" in line for line in lines)  # what the record trained, not a fixed sentence
     assert any("VGG-11 (`vgg11`, 128.8 M parameters) has not been trained" in line for line in lines)
     assert not any("AlexNet (`alexnet`" in line for line in lines)
+
+
+def test_a_baseline_trained_at_a_reduced_width_says_so(script):
+    """d2l trains VGG-11 at a quarter of its channels: the page's sentence and its row's counts say which."""
+    vgg = record("nin train --preset d2l --model vgg11 --width 0.25 --lr 0.05", [0.86, 0.91], model="vgg11",
+                 lr=0.05)
+    vgg["result"]["config"]["model"]["options"] = {"width": 0.25}
+    (line,) = [x for x in script["baselines_224"]([vgg]) if "`vgg11` is" in x]
+    assert "lr 0.05 for 2 epochs at width 0.25" in line
+    (row,) = script["rows"]([vgg], holdout=False)
+    assert "| 128,806,154 |" not in row and "| vgg11 | 8,060,234 |" in row  # the quarter-width network's own count

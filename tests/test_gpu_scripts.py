@@ -30,7 +30,7 @@ def test_gpu_accuracy_without_a_known_suite_prints_its_usage(tmp_path, args):
 def test_accuracy_sh_without_a_known_case_prints_its_usage_before_running_anything(tmp_path, args):
     r = script("accuracy.sh", *args, out=tmp_path / "out")
     assert r.returncode == 2 and r.stdout == "" and r.stderr.strip().splitlines() == [
-        "usage: bash benchmarks/accuracy.sh fast|best|validate|d2l|d2l-reader|ablate|baselines|alexnet"]
+        "usage: bash benchmarks/accuracy.sh fast|best|validate|d2l|d2l-reader|ablate|baselines|alexnet|vgg11"]
 
 
 @pytest.mark.parametrize("name,args", [("gpu.sh", ()), ("gpu_accuracy.sh", ("best",))])
