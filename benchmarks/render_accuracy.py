@@ -245,8 +245,8 @@ def ablation_section(records: list[dict[str, Any]]) -> list[str]:
     return out or ["No ablation run is recorded yet.", ""]
 
 
-#: d2l's 224x224 baselines from our registry, with their parameter counts.
-BASELINES_224 = {"alexnet": ("AlexNet", "46.8 M"), "vgg11": ("VGG-11", "128.8 M")}
+#: d2l's 224x224 baselines from our registry, with the names the page gives them.
+BASELINES_224 = {"alexnet": "AlexNet", "vgg11": "VGG-11"}
 
 
 def baselines_224(records: list[dict[str, Any]]) -> list[str]:
@@ -261,11 +261,13 @@ def baselines_224(records: list[dict[str, Any]]) -> list[str]:
             width = (model.get("options") or {}).get("width")
             at = f" at width {width:g}" if width not in (None, 1) else ""  # d2l trains VGG-11 at a quarter
             trained[model.get("name")].add(f"lr {train.get('lr')} for {train.get('epochs')} epochs{at}")
-    lines = [f"`{n}` is d2l's {BASELINES_224[n][0]} at 224x224 ({', '.join(sorted(trained[n]))}; the recipe in "
+    lines = [f"`{n}` is d2l's {BASELINES_224[n]} at 224x224 ({', '.join(sorted(trained[n]))}; the recipe in "
              "its row's command)." for n in BASELINES_224 if n in trained]
     missing = [n for n in BASELINES_224 if n not in trained]
     if missing:
-        names = " and ".join(f"{BASELINES_224[n][0]} (`{n}`, {BASELINES_224[n][1]} parameters)" for n in missing)
+        cache: dict = {}
+        params = {n: _model_costs({"model": {"name": n}}, cache)[0] for n in missing}  # at full width
+        names = " and ".join(f"{BASELINES_224[n]} (`{n}`, {params[n] / 1e6:.1f} M parameters)" for n in missing)
         verb, them = ("has", "it") if len(missing) == 1 else ("have", "them")
         lines.append(f"d2l's {names} {verb} not been trained here (`nin profile {missing[0]}` counts what a step "
                      f"costs; `bash benchmarks/gpu_accuracy.sh chapter` trains {them} on a GPU with the chapter's "
